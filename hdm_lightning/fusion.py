@@ -1,0 +1,90 @@
+"""Fusion of the stage maps ``S_1 … S_T`` into one saliency map (``HDM-METHOD.md`` section 3).
+
+:class:`SumFusion` is the released code's equal-weight sum. :class:`LearnedFusion` is our
+definition of the paper's "learning-based" fusion, which the public material leaves open: one
+weight per stage and image, ``w = sigmoid(θ)``, learned with the same two losses as a mask,
+
+    F = clamp(Σ_t w_t S_t, 0, 1)
+    L(θ) = λ_c (f_c(x ⊙ F) − f_c(x))² + λ_1 mean(F)
+
+so a stage whose regions do not help keep the decision is weighted down, and the fused map keeps
+only as much area as the decision needs. The weights are few and bounded, so the fusion cannot
+invent structure that no stage found.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from hdm_lightning.masks import consistency_loss, minmax, sum_maps
+
+#: ``score(mask)`` maps ``(N, H, W)`` masks to the target logits ``(N,)`` of the masked images.
+Score = Callable[[Tensor], Tensor]
+
+
+class Fusion(ABC):
+    """Fuses ``(T, N, H, W)`` stage maps into ``(N, H, W)`` maps in ``[0, 1]``."""
+
+    @abstractmethod
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+        """``reference`` holds the ``(N,)`` target logits on the unmasked images."""
+
+
+class SumFusion(Fusion):
+    """``minmax(Σ_t minmax(S_t))``, the plain normalised sum.
+
+    Example:
+        >>> maps = torch.tensor([[[[0., 1.]]], [[[1., 0.]]], [[[0., 1.]]]])  # (T=3, N=1, 1, 2)
+        >>> SumFusion()(maps, score=None, reference=None)
+        tensor([[[0., 1.]]])
+    """
+
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+        return sum_maps(stage_maps)
+
+
+class LearnedFusion(Fusion):
+    """Per-stage weights learned against the classifier (see the module docstring).
+
+    Args:
+        steps: optimisation steps of the weights.
+        lr: Adam learning rate of the logits ``θ`` of the weights.
+        consistency_weight: ``λ_c``.
+        sparsity_weight: ``λ_1``.
+    """
+
+    def __init__(
+        self, steps: int = 100, lr: float = 0.1, consistency_weight: float = 1e-2, sparsity_weight: float = 1.0
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"LearnedFusion: steps must be >= 1, got {steps}")
+        if lr <= 0:
+            raise ValueError(f"LearnedFusion: lr must be > 0, got {lr}")
+        self.steps = steps
+        self.lr = lr
+        self.consistency_weight = consistency_weight
+        self.sparsity_weight = sparsity_weight
+
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+        stages = torch.stack([minmax(s) for s in stage_maps]).detach()  # (T, N, H, W)
+        theta = torch.zeros(stages.shape[:2], device=stages.device, requires_grad=True)  # (T, N)
+        optimiser = torch.optim.Adam([theta], lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                fused = self.combine(stages, theta)
+                loss = consistency_loss(score(fused), reference, self.consistency_weight)
+                loss = loss + self.sparsity_weight * fused.flatten(1).mean(dim=1)
+                optimiser.zero_grad()
+                loss.sum().backward()  # a sum keeps each image's gradient its own
+                optimiser.step()
+        return minmax(self.combine(stages, theta.detach()))
+
+    @staticmethod
+    def combine(stages: Tensor, theta: Tensor) -> Tensor:
+        """``clamp(Σ_t sigmoid(θ_t) S_t, 0, 1)``: ``(T, N, H, W), (T, N) -> (N, H, W)``."""
+        weights = torch.sigmoid(theta)[:, :, None, None]  # (T, N, 1, 1)
+        return (weights * stages).sum(dim=0).clamp(0, 1)

@@ -1,0 +1,176 @@
+"""Pure tensor maths of Dynamic Masks and HDM (``HDM-METHOD.md`` sections 1-3).
+
+Notation follows the reference: ``a_l`` is the trainable mask of level ``l`` of a chain,
+``P_l = R_b(P_{l-1}) ⊙ a_l`` its superimposed mask, ``M_l`` its full-resolution level map,
+``S`` a stage map and ``C_t`` the cumulative map after stage ``t``. Nothing here logs, touches
+files or changes its inputs in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One chain of the DM module: a benchmark size and the sizes of its auxiliary masks.
+
+    ``sizes[0]`` is the benchmark size ``s0``; ``sizes[l] = s0 * b**l``.
+    """
+
+    block: int
+    sizes: tuple[int, ...]
+
+    @property
+    def benchmark(self) -> int:
+        return self.sizes[0]
+
+
+def build_chains(benchmark_sizes: list[int], block_factors: list[int], max_size: int) -> list[Chain]:
+    """All chains ``s0 → s0·b → s0·b² …`` kept while the size is at most ``max_size``.
+
+    A chain with no auxiliary level is still listed (it contributes its benchmark mask). With no
+    block factors every size is a single-level chain: the independent masks of MDM.
+
+    Example:
+        >>> [c.sizes for c in build_chains([6], [2, 3, 5], 50)]
+        [(6, 12, 24, 48), (6, 18), (6, 30)]
+        >>> [c.sizes for c in build_chains([11], [5], 50)]
+        [(11,)]
+        >>> [c.sizes for c in build_chains([6, 56], [], 50)]
+        [(6,), (56,)]
+    """
+    if any(b < 2 for b in block_factors):
+        raise ValueError(f"block_factors must all be >= 2, got {block_factors}")
+    if not block_factors:
+        return [Chain(block=1, sizes=(s0,)) for s0 in benchmark_sizes]
+    chains = []
+    for s0 in benchmark_sizes:
+        for b in block_factors:
+            sizes = [s0]
+            while sizes[-1] * b <= max_size:
+                sizes.append(sizes[-1] * b)
+            chains.append(Chain(block=b, sizes=tuple(sizes)))
+    return chains
+
+
+def chains_at_level(chains: list[Chain], level: int) -> list[int]:
+    """Indices of the chains that have a mask at ``level``.
+
+    Level 0 lists one chain per benchmark size: chains of the same ``s0`` share their benchmark
+    mask, since the same initial value and loss give the same optimum (the original code learns
+    it once per chain, 3× the work for the same result).
+
+    Example:
+        >>> chains = build_chains([6, 11], [2, 5], 50)
+        >>> chains_at_level(chains, 0), chains_at_level(chains, 1), chains_at_level(chains, 3)
+        ([0, 2], [0, 1, 2], [0])
+    """
+    if level == 0:
+        first: dict[int, int] = {}
+        for i, chain in enumerate(chains):
+            first.setdefault(chain.benchmark, i)
+        return list(first.values())
+    return [i for i, chain in enumerate(chains) if len(chain.sizes) > level]
+
+
+def num_levels(chains: list[Chain]) -> int:
+    return max(len(c.sizes) for c in chains)
+
+
+def replicate(mask: Tensor, block: int) -> Tensor:
+    """``R_b``: each cell becomes a ``b×b`` block (nearest-neighbour upsampling by ``b``).
+
+    Shapes: ``(..., s, s) -> (..., s·b, s·b)``.
+
+    Example:
+        >>> replicate(torch.tensor([[1., 2.], [3., 4.]]), 2)[0]
+        tensor([1., 1., 2., 2.])
+    """
+    return mask.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+
+
+def superimpose(previous: Tensor | None, mask: Tensor, block: int) -> Tensor:
+    """``P_l = R_b(P_{l-1}) ⊙ a_l``; ``P_0 = a_0`` when ``previous`` is None."""
+    if previous is None:
+        return mask
+    return replicate(previous, block) * mask
+
+
+def upsample(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """``Up``: bilinear upsampling of ``(N, s, s)`` masks to ``(N, H, W)`` (computed in float32)."""
+    return F.interpolate(mask.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax(maps: Tensor) -> Tensor:
+    """Min-max normalise each map of ``(N, H, W)`` to ``[0, 1]``; a constant map becomes 0.
+
+    Example:
+        >>> minmax(torch.tensor([[[1., 3.], [2., 5.]]]))
+        tensor([[[0.0000, 0.5000],
+                 [0.2500, 1.0000]]])
+    """
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    high = flat.max(dim=1).values[:, None, None]
+    return (maps - low) / (high - low).clamp_min(EPS)
+
+
+def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor) -> Tensor:
+    """Masked image ``baseline + (x − baseline) ⊙ M``.
+
+    With a zero baseline in normalised space this is the reference's ``x ⊙ Up(P)`` (a kept value
+    of 0 shows the dataset mean colour). Shapes: images and baseline ``(N, C, H, W)``, mask
+    ``(N, H, W)``.
+    """
+    return baseline + (images - baseline) * mask.unsqueeze(1)
+
+
+def consistency_loss(masked_logit: Tensor, reference_logit: Tensor, weight: float) -> Tensor:
+    """Activation consistency ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``, one value per item ``(N,)``."""
+    return weight * (masked_logit.float() - reference_logit.float()) ** 2
+
+
+def sparsity_loss(mask: Tensor, weight: float) -> Tensor:
+    """Mask value constraint ``λ_1 mean|a_l|`` of the trainable level only, per item ``(N,)``."""
+    return weight * mask.abs().flatten(1).mean(dim=1)
+
+
+def level_map(mask: Tensor, previous_map: Tensor | None, size: tuple[int, int]) -> Tensor:
+    """``M_l = minmax(Up(a_l) ⊙ M_{l−1})`` with ``M_{-1} = 1``; ``(N, s, s) -> (N, H, W)``.
+
+    With non-negative masks ``M_l`` is zero wherever ``M_{l−1}`` is: a fine level only refines
+    what the coarse level kept.
+    """
+    up = upsample(mask, size)
+    return minmax(up if previous_map is None else up * previous_map)
+
+
+def sum_maps(maps: Tensor) -> Tensor:
+    """``minmax(Σ_k minmax(m_k))`` over the first dim: ``(K, N, H, W) -> (N, H, W)``.
+
+    Used for the stage map (sum over chains and levels), the cumulative map ``C_t`` and the
+    plain-sum fusion of stage maps.
+    """
+    normalised = torch.stack([minmax(m) for m in maps])  # (K, N, H, W)
+    return minmax(normalised.sum(dim=0))
+
+
+def remove_found(
+    images: Tensor, found: Tensor, mean: Tensor, std: Tensor
+) -> Tensor:
+    """Next stage's input ``x^(t+1) = x_rgb ⊙ (1 − C_t)``, in pixel space, re-normalised.
+
+    Shapes: images ``(N, C, H, W)`` normalised, found ``(N, H, W)`` in ``[0, 1]``, mean and std
+    ``(C,)``.
+    """
+    mean = mean.view(1, -1, 1, 1)
+    std = std.view(1, -1, 1, 1)
+    rgb = images * std + mean  # (N, C, H, W) in pixel space
+    return (rgb * (1 - found).unsqueeze(1) - mean) / std

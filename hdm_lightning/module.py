@@ -1,0 +1,290 @@
+"""The LightningModule of an explanation: its parameters are the masks of the current level.
+
+One optimisation step is one Lightning training step. :class:`~hdm_lightning.callbacks.HDMSchedule`
+moves the module through images, stages and levels with ``begin_*``/``end_*``; the tensors that
+carry a batch through the method (stage inputs, previous levels, maps so far) are buffers, so a
+checkpoint holds everything a resume needs. The classifier is frozen, kept in eval mode and left
+out of checkpoints.
+
+Masks of different images and chains never share a parameter element, and the loss is a sum of
+per-item terms, so each mask's gradient is its own: a batch of images gives each image the result
+it gets alone. Under DDP the gradient all-reduce is switched off (``no_sync``): each rank
+optimises the masks of its own images, and averaging would mix different images' masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.functional import gaussian_blur
+from typing_extensions import override
+
+from hdm_lightning import masks as M
+from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
+from hdm_lightning.fusion import Fusion, SumFusion
+from hdm_lightning.models import EfficientNetLite0, freeze
+from hdm_lightning.targets import KeepTarget, TargetPolicy
+
+#: Buffers that carry one batch through the method; rebuilt from a checkpoint's shapes.
+BATCH_BUFFERS = (
+    "images", "substrate", "stage_input", "targets", "original_targets", "reference",
+    "original_reference", "active", "previous_maps", "stage_sum", "stage_maps",
+)
+
+
+class MaskExplainer(LightningModule):
+    """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
+
+    Args:
+        classifier: the network to explain; None loads the packaged EfficientNet-Lite0.
+        benchmark_sizes: sizes ``s0`` of the benchmark masks.
+        block_factors: block factors ``b`` of the auxiliary chains; empty gives MDM's
+            independent single-level masks.
+        max_size: largest auxiliary mask size.
+        consistency_weight: ``λ_c`` of the activation-consistency term.
+        sparsity_weight: ``λ_1`` of the mask-value term.
+        lr: Adam learning rate of the masks.
+        init_value: initial value of every mask element.
+        clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
+            it masks may go negative and level maps lose their nesting).
+        substrate: what a mask value of 0 shows: ``mean`` (zero in normalised space, the dataset
+            mean colour) or ``blur`` (a Gaussian blur of the image).
+        blur_sigma: standard deviation in pixels of the ``blur`` substrate.
+        target_policy: class explained by later stages; None means :class:`KeepTarget`.
+        fusion: how stage maps are fused; None means :class:`SumFusion`.
+        mean: normalisation mean of the classifier input (linked from the data settings).
+        std: normalisation std of the classifier input (linked from the data settings).
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module | None = None,
+        benchmark_sizes: tuple[int, ...] = (6, 7, 8, 9, 10, 11),
+        block_factors: tuple[int, ...] = (2, 3, 5),
+        max_size: int = 50,
+        consistency_weight: float = 1e-2,
+        sparsity_weight: float = 1.0,
+        lr: float = 1e-2,
+        init_value: float = 0.5,
+        clamp: bool = True,
+        substrate: Literal["mean", "blur"] = "mean",
+        blur_sigma: float = 10.0,
+        target_policy: TargetPolicy | None = None,
+        fusion: Fusion | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if not benchmark_sizes or min(benchmark_sizes) < 1:
+            raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if substrate not in ("mean", "blur"):
+            raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
+        self.save_hyperparameters(ignore=["classifier", "target_policy", "fusion"])
+        self.classifier = freeze(classifier if classifier is not None else EfficientNetLite0())
+        self.chains = M.build_chains(list(benchmark_sizes), list(block_factors), max_size)
+        self.num_levels = M.num_levels(self.chains)
+        self.target_policy = target_policy or KeepTarget()
+        self.fusion = fusion or SumFusion()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave the frozen classifier out
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.masks = nn.ParameterList()
+        self.stage, self.level, self.chain_ids = -1, -1, []
+        self.last_loss: Tensor | None = None
+        self.explaining = True  # HDMSchedule clears it when no image is left
+        self.finished: list = []  # explanations the schedule finished, for MapWriter
+        self.class_names = getattr(self.classifier, "class_names", lambda: None)()
+
+    # ----------------------------------------------------------------- the optimisation step
+    def superimposed(self) -> list[Tensor]:
+        """``P_l`` of every chain at the current level, ``(N, s_l, s_l)`` each."""
+        return [
+            M.superimpose(self.previous_mask(c) if self.level > 0 else None, a, self.chains[c].block)
+            for c, a in zip(self.chain_ids, self.masks)
+        ]
+
+    def item_losses(self) -> Tensor:
+        """Loss of every (chain, image) item of the level, ``(K, N)``."""
+        with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
+            size = self.stage_input.shape[-2:]
+            kept = torch.stack([M.upsample(p, size) for p in self.superimposed()])  # (K, N, H, W)
+        k, n = kept.shape[:2]
+        masked = M.apply_mask(
+            self.stage_input.repeat(k, 1, 1, 1), kept.flatten(0, 1), self.substrate.repeat(k, 1, 1, 1)
+        )  # (K·N, C, H, W)
+        logit = self.target_logit(masked, self.targets.repeat(k)).view(k, n)
+        sparsity = torch.stack([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in self.masks])
+        return M.consistency_loss(logit, self.reference, self.hparams.consistency_weight) + sparsity
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return None if self.explaining else -1  # -1 ends the epoch: every image is done
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimiser = self.optimizers()
+        before = [a.detach().clone() for a in self.masks]
+        losses = self.item_losses()  # (K, N)
+        optimiser.zero_grad()
+        with self.no_gradient_sync():
+            self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
+        optimiser.step()
+        self.project(before)
+        self.last_loss = losses.detach()
+        self.log(f"stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True, prog_bar=True)
+        return losses.sum()
+
+    @torch.no_grad()
+    def project(self, before: list[Tensor]) -> None:
+        """Clamp to ``[0, 1]`` and keep converged items where they stopped."""
+        for a, old, active in zip(self.masks, before, self.active):
+            new = a.clamp(0, 1) if self.hparams.clamp else a
+            a.copy_(torch.where(active[:, None, None], new, old))
+
+    def no_gradient_sync(self):
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
+
+    @override
+    def configure_optimizers(self):
+        if len(self.masks) == 0:
+            return None  # between batches; HDMSchedule sets up Adam when a level begins
+        return torch.optim.Adam(self.masks.parameters(), lr=self.hparams.lr)
+
+    # ---------------------------------------------------------------- classifier helpers
+    def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
+        """``f_c(x)`` for each image, float32, ``(N,)``."""
+        return self.classifier(images).float().gather(1, targets[:, None])[:, 0]
+
+    def make_substrate(self, images: Tensor) -> Tensor:
+        if self.hparams.substrate == "mean":
+            return torch.zeros_like(images)
+        sigma = self.hparams.blur_sigma
+        return gaussian_blur(images, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+
+    # ---------------------------------------------------------------- the schedule's calls
+    @torch.no_grad()
+    def begin_batch(self, images: Tensor, targets: Tensor) -> None:
+        """New images ``(N, C, H, W)``; targets of -1 become the model's top-1 class."""
+        images = images.to(self.device)
+        top1 = self.classifier(images).argmax(dim=1)
+        targets = targets.to(self.device)
+        self.set_buffer("images", images)
+        self.set_buffer("original_targets", torch.where(targets < 0, top1, targets))
+        self.set_buffer("original_reference", self.target_logit(images, self.original_targets))
+        self.set_buffer("stage_maps", images.new_zeros((0, *images.shape[:1], *images.shape[-2:])))
+
+    @torch.no_grad()
+    def begin_stage(self, stage: int) -> None:
+        """Stage input ``x^(t)``: the image, or the image with the regions found so far removed."""
+        self.stage = stage
+        stage_input = self.images if stage == 0 else self.remaining_input()
+        logits = self.classifier(stage_input).float()
+        targets = self.original_targets if stage == 0 else self.target_policy(logits, self.original_targets)
+        n, (h, w) = stage_input.shape[0], stage_input.shape[-2:]
+        self.set_buffer("stage_input", stage_input)
+        self.set_buffer("substrate", self.make_substrate(stage_input))
+        self.set_buffer("targets", targets)
+        self.set_buffer("reference", logits.gather(1, targets[:, None])[:, 0])
+        self.set_buffer("stage_sum", stage_input.new_zeros((n, h, w)))
+        self.set_buffer("previous_maps", stage_input.new_zeros((len(self.chains), n, h, w)))
+
+    def begin_level(self, level: int) -> None:
+        """Fresh masks ``a_l`` for every chain that has a level ``level``."""
+        self.level = level
+        self.chain_ids = M.chains_at_level(self.chains, level)
+        n = self.stage_input.shape[0]
+        self.masks = nn.ParameterList(
+            nn.Parameter(torch.full((n, s, s), self.hparams.init_value, device=self.device))
+            for s in (self.chains[c].sizes[level] for c in self.chain_ids)
+        )
+        self.set_buffer("active", torch.ones(len(self.chain_ids), n, dtype=torch.bool, device=self.device))
+
+    @torch.no_grad()
+    def end_level(self) -> None:
+        """Freeze ``P_l`` and add the level maps ``M_l`` to the stage sum."""
+        size = self.stage_input.shape[-2:]
+        for c, a, p in zip(self.chain_ids, self.masks, self.superimposed()):
+            sharing = [c] if self.level > 0 else self.sharing_benchmark(c)
+            previous = self.previous_maps[c] if self.level > 0 else None
+            level_map = M.level_map(a.detach(), previous, size)  # (N, H, W)
+            self.stage_sum += len(sharing) * level_map  # level maps are min-max normalised already
+            for chain in sharing:
+                self.set_buffer(f"previous_mask_{chain}", p.detach().clone())
+                self.previous_maps[chain] = level_map
+
+    @torch.no_grad()
+    def end_stage(self, kept: Tensor) -> None:
+        """Stage map ``S_t = minmax(Σ level maps)``, appended to the maps so far.
+
+        Images that the stopping rule has stopped (``kept`` false) get an empty stage map.
+        """
+        stage_map = M.minmax(self.stage_sum) * kept[:, None, None]
+        self.set_buffer("stage_maps", torch.cat([self.stage_maps, stage_map[None]]))
+
+    @torch.no_grad()
+    def remaining_probability(self) -> Tensor:
+        """Softmax probability of the original class on the image with all found regions removed."""
+        probabilities = self.classifier(self.remaining_input()).float().softmax(dim=1)
+        return probabilities.gather(1, self.original_targets[:, None])[:, 0]
+
+    def fuse(self) -> dict[str, Tensor]:
+        """The fused map and the target logit on the image kept by it, per image."""
+        substrate = self.make_substrate(self.images)
+
+        def score(kept: Tensor) -> Tensor:
+            return self.target_logit(M.apply_mask(self.images, kept, substrate), self.original_targets)
+
+        fused = self.fusion(self.stage_maps, score, self.original_reference).detach()
+        with torch.no_grad():
+            masked_logit = score(fused)
+        return {"map": fused, "stage_maps": self.stage_maps.transpose(0, 1), "masked_logit": masked_logit}
+
+    # ---------------------------------------------------------------------- helpers
+    def remaining_input(self) -> Tensor:
+        found = M.sum_maps(self.stage_maps)  # C_t, (N, H, W)
+        return M.remove_found(self.images, found, self.mean, self.std)
+
+    def previous_mask(self, chain: int) -> Tensor:
+        return getattr(self, f"previous_mask_{chain}")
+
+    def sharing_benchmark(self, chain: int) -> list[int]:
+        benchmark = self.chains[chain].benchmark
+        return [i for i, c in enumerate(self.chains) if c.benchmark == benchmark]
+
+    def set_buffer(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value)
+
+    @override
+    def train(self, mode: bool = True) -> MaskExplainer:
+        super().train(mode)
+        self.classifier.eval()  # frozen: BatchNorm and dropout never switch to training
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("classifier.")]:
+            del state[key]
+        checkpoint["hdm_layout"] = {"stage": self.stage, "level": self.level, "chain_ids": self.chain_ids}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-create masks and buffers with the checkpoint's shapes before Lightning loads them."""
+        layout = checkpoint.get("hdm_layout", {"stage": -1, "level": -1, "chain_ids": []})
+        self.stage, self.level, self.chain_ids = layout["stage"], layout["level"], list(layout["chain_ids"])
+        state = checkpoint["state_dict"]
+        count = sum(1 for k in state if k.startswith("masks."))
+        self.masks = nn.ParameterList(nn.Parameter(torch.empty_like(state[f"masks.{i}"])) for i in range(count))
+        for key, value in state.items():
+            if key in BATCH_BUFFERS or key.startswith("previous_mask_"):
+                self.set_buffer(key, torch.empty_like(value))

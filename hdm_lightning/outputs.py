@@ -1,0 +1,111 @@
+"""The run folder: atomic writes of maps, overlays and the index, and which images are done.
+
+Layout under ``out_dir``::
+
+    maps/<name>.npy            fused map, float32, at the original image's resolution
+    stages/<name>_stage<t>.npy every stage map, same resolution
+    overlays/<name>.png        the fused map over the image
+    index.jsonl                one row per finished image
+
+Every file is written to a temporary name and renamed, and the fused map is written last: an
+image counts as done exactly when ``maps/<name>.npy`` exists, so a killed run never takes a
+half-written file for a finished one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from torch import Tensor
+
+OVERLAY_MAX_SIDE = 512
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def resize_map(saliency: Tensor, height: int, width: int) -> np.ndarray:
+    """``(h, w)`` map -> float32 ``(height, width)`` array, bilinear."""
+    resized = F.interpolate(saliency[None, None].float().cpu(), size=(height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0].clamp(0, 1).numpy().astype(np.float32)
+
+
+def overlay(picture: Image.Image, saliency: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The map in the ``jet`` colour map blended over the picture (longest side at most 512)."""
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(picture.size))
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    base = np.asarray(picture.convert("RGB").resize(size), dtype=np.float32) / 255
+    heat = np.asarray(Image.fromarray((saliency * 255).astype(np.uint8)).resize(size), dtype=np.float32) / 255
+    coloured = colormaps["jet"](heat)[..., :3]
+    blended = (1 - alpha) * base + alpha * coloured
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+class RunFolder:
+    """Reads and writes one run's outputs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def map_path(self, name: str) -> Path:
+        return self.root / "maps" / f"{name}.npy"
+
+    def is_done(self, name: str) -> bool:
+        return self.map_path(name).is_file()
+
+    def write(self, name: str, picture: Image.Image, fused: Tensor, stage_maps: Tensor, row: dict) -> None:
+        """Stage maps, overlay and index row first; the fused map, the 'done' marker, last."""
+        height, width = picture.height, picture.width
+        for t, stage_map in enumerate(stage_maps):
+            stage_array = resize_map(stage_map, height, width)
+            atomic_write_bytes(self.root / "stages" / f"{name}_stage{t + 1}.npy", npy_bytes(stage_array))
+        fused_array = resize_map(fused, height, width)
+        png = io.BytesIO()
+        overlay(picture, fused_array).save(png, format="PNG")
+        atomic_write_bytes(self.root / "overlays" / f"{name}.png", png.getvalue())
+        self.append_index(row)
+        atomic_write_bytes(self.map_path(name), npy_bytes(fused_array))
+
+    def append_index(self, row: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "index.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_index(self) -> dict[str, dict]:
+        """Rows by image name; a row repeated by a resumed run keeps its latest version."""
+        path = self.root / "index.jsonl"
+        if not path.is_file():
+            return {}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["name"]: row for row in rows if self.is_done(row["name"])}
+
+    def load_map(self, name: str) -> np.ndarray:
+        return np.load(self.map_path(name))
+
+    def record_failure(self, path: str, error: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "failed.jsonl", "a") as handle:
+            handle.write(json.dumps({"image": path, "error": error}) + "\n")
+

@@ -1,0 +1,98 @@
+"""Known-answer tests of the mask maths (HDM-METHOD.md sections 1-3)."""
+
+import pytest
+import torch
+
+from hdm_lightning import masks as M
+
+
+def test_chain_sizes_match_the_reference_example():
+    chains = M.build_chains([6, 7, 8, 9, 10, 11], [2, 3, 5], 50)
+    assert len(chains) == 18
+    # 18 benchmark + 24 auxiliary level optimisations in the original; we share the benchmark
+    auxiliary = sum(len(c.sizes) - 1 for c in chains)
+    assert auxiliary == 24
+    assert chains[0].sizes == (6, 12, 24, 48)
+    assert [c.sizes for c in chains if c.benchmark == 11] == [(11, 22, 44), (11, 33), (11,)]
+    assert [len(M.chains_at_level(chains, level)) for level in range(4)] == [6, 17, 6, 1]
+
+
+def test_chains_reject_block_factor_one():
+    with pytest.raises(ValueError, match="block_factors"):
+        M.build_chains([6], [1], 50)
+
+
+def test_replicate_is_nearest_block_upsampling():
+    mask = torch.arange(4.0).view(1, 2, 2)
+    out = M.replicate(mask, 3)
+    assert out.shape == (1, 6, 6)
+    assert torch.equal(out[0, :3, :3], torch.zeros(3, 3))
+    assert torch.equal(out[0, 3:, 3:], torch.full((3, 3), 3.0))
+
+
+def test_superimposed_mask_is_zero_where_previous_level_is():
+    previous = torch.tensor([[[1.0, 0.0], [0.5, 1.0]]])
+    fine = torch.rand(1, 4, 4)
+    p = M.superimpose(previous, fine, 2)
+    assert torch.equal(p[0, :2, 2:], torch.zeros(2, 2))
+    assert torch.allclose(p[0, 2:, :2], 0.5 * fine[0, 2:, :2])
+    assert torch.equal(M.superimpose(None, fine, 2), fine)
+
+
+def test_level_map_is_zero_wherever_previous_level_map_is():
+    size = (32, 32)
+    previous = M.level_map(torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), None, size)
+    current = M.level_map(torch.rand(1, 8, 8), previous, size)
+    assert (previous == 0).sum() > 0
+    assert torch.all(current[previous == 0] == 0)
+    assert current.max() == pytest.approx(1.0)
+
+
+def test_minmax_and_constant_map():
+    maps = torch.stack([torch.tensor([[2.0, 4.0]]), torch.full((1, 2), 3.0)])
+    out = M.minmax(maps)
+    assert torch.equal(out[0], torch.tensor([[0.0, 1.0]]))
+    assert torch.equal(out[1], torch.zeros(1, 2))
+
+
+def test_losses_per_item():
+    masked, reference = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0])
+    assert torch.allclose(M.consistency_loss(masked, reference, 0.5), torch.tensor([0.5, 0.0]))
+    a = torch.tensor([[[1.0, -1.0], [0.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    assert torch.allclose(M.sparsity_loss(a, 2.0), torch.tensor([1.0, 1.0]))
+
+
+def test_sparsity_gradient_reaches_only_the_trainable_level():
+    previous = torch.rand(1, 3, 3, requires_grad=True)
+    current = torch.rand(1, 6, 6, requires_grad=True)
+    M.sparsity_loss(current, 1.0).sum().backward()
+    assert previous.grad is None and current.grad is not None
+
+
+def test_apply_mask_keeps_or_replaces_pixels():
+    images = torch.randn(1, 3, 4, 4)
+    baseline = torch.zeros_like(images)
+    keep = torch.zeros(1, 4, 4)
+    keep[:, :2] = 1
+    out = M.apply_mask(images, keep, baseline)
+    assert torch.equal(out[:, :, :2], images[:, :, :2])
+    assert torch.equal(out[:, :, 2:], torch.zeros(1, 3, 2, 4))
+
+
+def test_remove_found_zeroes_pixels_in_pixel_space():
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.2, 0.2])
+    rgb = torch.rand(1, 3, 4, 4)
+    images = (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    found = torch.zeros(1, 4, 4)
+    found[0, 0, 0] = 1.0
+    found[0, 1, 1] = 0.5
+    out = M.remove_found(images, found, mean, std) * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert torch.allclose(out[0, :, 0, 0], torch.zeros(3), atol=1e-6)  # black in pixel space
+    assert torch.allclose(out[0, :, 1, 1], rgb[0, :, 1, 1] * 0.5, atol=1e-6)
+    assert torch.allclose(out[0, :, 3, 3], rgb[0, :, 3, 3], atol=1e-6)
+
+
+def test_sum_maps_normalises_each_map_first():
+    a = torch.tensor([[[0.0, 10.0, 5.0]]])
+    b = torch.tensor([[[1.0, 0.0, 0.0]]])
+    assert torch.equal(M.sum_maps(torch.stack([a, b])), torch.tensor([[[1.0, 1.0, 0.0]]]))
