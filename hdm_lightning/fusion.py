@@ -71,6 +71,7 @@ class LearnedFusion(Fusion):
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
         stages = torch.stack([minmax(s) for s in stage_maps]).detach()  # (T, N, H, W)
+        reference = reference.detach()
         theta = torch.zeros(stages.shape[:2], device=stages.device, requires_grad=True)  # (T, N)
         optimiser = torch.optim.Adam([theta], lr=self.lr)
         with torch.enable_grad():

@@ -6,10 +6,11 @@ the pixels of the target objects. Class 1 scenes hold 1..``max_instances`` *targ
 Every scene also holds distractors:
 
 - red squares of the same area and colour as a target, so that colour statistics do not decide
-  the class: a class 0 scene holds as many "primary" red squares as a class 1 scene holds targets,
-  plus the same number of extra red squares, so the count of red objects has the same
-  distribution in both classes;
-- disks of other colours, so that shape alone does not decide it either.
+  the class: where a class 1 scene has its targets, a class 0 scene has as many red squares (same
+  distribution), and both classes get 0..``max_red_squares`` more;
+- disks of other colours, black and grey included, so that shape alone does not decide it either,
+  and a target blacked out or set to the mean colour (as a saliency method removes it) reads as
+  class 0.
 
 A classifier that separates the classes therefore has to look at the target objects, which is
 what a saliency map of it must show. Everything is drawn from one ``torch.Generator``: the same
@@ -39,8 +40,8 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 GRID = 3  # objects sit in distinct cells of a GRID x GRID grid
 TARGET_COLOUR = (0.9, 0.1, 0.1)
-# Disk distractors. Black and grey disks look like a target that was removed (HDM blacks out
-# found regions; a zero mask turns a pixel into the MEAN grey), so a removed target reads as class 0.
+# Disk distractors. Black and grey ones look like a removed target: HDM blacks out found regions
+# and a zero mask turns a pixel into the MEAN grey.
 OTHER_COLOURS = (
     (0.15, 0.75, 0.2),  # green
     (0.15, 0.3, 0.9),  # blue
@@ -131,13 +132,14 @@ def _objects(
     filled = torch.stack([torch.randint(low, c + 1, (n,), generator=generator)
                           for low, c in zip((1, 0, 0), counts)], dim=1)  # (n, 3)
     present = rank < filled[:, kind]  # (n, slots)
-    primary = (kind == 0) & labels.bool().view(-1, 1)  # (n, slots)
-    disk = primary | (kind == 2)
-    palette = torch.tensor(OTHER_COLOURS)[torch.randint(len(OTHER_COLOURS), (n, slots), generator=generator)]
-    base = torch.where((kind == 2).view(1, slots, 1), palette, torch.tensor(TARGET_COLOUR))  # (n, slots, 3)
+    target = (kind == 0) & labels.bool().view(-1, 1)  # (n, slots)
+    disk = target | (kind == 2)
+    choice = torch.randint(len(OTHER_COLOURS), (n, slots), generator=generator)
+    other = (kind == 2).view(1, slots, 1)
+    base = torch.where(other, torch.tensor(OTHER_COLOURS)[choice], torch.tensor(TARGET_COLOUR))  # (n, slots, 3)
     colour = (base + jitter * (2 * torch.rand(n, slots, 3, generator=generator) - 1)).clamp(0, 1)
-    size = radius[0] + (radius[1] - radius[0]) * torch.rand(n, slots, generator=generator)
-    return present, disk, primary & present, colour, size
+    radii = radius[0] + (radius[1] - radius[0]) * torch.rand(n, slots, generator=generator)
+    return present, disk, target & present, colour, radii
 
 
 def _validate(size: int, n: int, counts: tuple[int, int, int], radius: tuple[float, float]) -> None:
@@ -218,7 +220,7 @@ def split_instances(masks: Tensor) -> Tensor:
     Example:
         >>> scenes = make_scenes(2, seed=0)
         >>> split_instances(scenes.masks).flatten(2).any(2).sum(1).tolist(), scenes.instances.tolist()
-        ([3, 0], [3, 0])
+        ([1, 0], [1, 0])
     """
     _, height, width = masks.shape
     rows = ((torch.arange(height) + 0.5) * GRID / height).long()  # (H,) cell row of pixel centres
@@ -287,13 +289,32 @@ def train_tiny_classifier(
     """Train a ``TinyClassifier`` on ``make_scenes(n_train, size, seed)``, deterministically.
 
     The weights come from ``seed`` (under a forked global RNG, which is left as it was) and the
-    batches from a local generator, so two calls give identical weights on the same machine.
-    AdamW with a one-cycle learning-rate schedule. With the defaults, on 2 CPU cores it takes
-    about 10 s and reaches 99-100 % accuracy on held-out scenes (``make_scenes(2000, seed=1234)``).
+    batches from a local generator, so two calls give identical weights on the same machine and
+    thread count. AdamW with a one-cycle learning-rate schedule.
+
+    Measured with the defaults (seed 0) on held-out ``make_scenes(2000, seed=1234)``: 99.85 %
+    accuracy. Setting the target pixels to 0 (the mean grey) makes 99 % of class 1 scenes class 0,
+    blacking them out 95 %; keeping only the targets keeps 100 % class 1. Training takes about 9 s
+    on 2 idle CPU cores (13 s on one thread; several times more when other jobs share the cores).
+
+    Args:
+        seed: seed of the training scenes, the initial weights and the batch order.
+        n_train: number of training scenes.
+        epochs: passes over the training scenes.
+        batch_size: scenes per optimiser step.
+        lr: peak learning rate of the one-cycle schedule.
+        size: scene height and width.
+        width: channels of the first conv block.
 
     Returns:
         The trained model, in eval mode.
+
+    Raises:
+        ValueError: if ``n_train``, ``epochs``, ``batch_size`` or ``lr`` is not positive.
     """
+    if min(n_train, epochs, batch_size) < 1 or lr <= 0:
+        raise ValueError(f"n_train, epochs and batch_size must be >= 1 and lr > 0, got n_train={n_train}, "
+                         f"epochs={epochs}, batch_size={batch_size}, lr={lr}")
     scenes = make_scenes(n_train, size=size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -314,7 +335,7 @@ def train_tiny_classifier(
 
 
 def cached_tiny_classifier(cache_dir: str | os.PathLike, seed: int = 0) -> TinyClassifier:
-    """``train_tiny_classifier(seed)`` trained once: weights are stored in ``cache_dir`` and loaded after.
+    """``train_tiny_classifier(seed)``, trained once: the weights are saved in ``cache_dir``, then loaded.
 
     The file is written atomically (a temporary file in the same folder, then ``os.replace``), so
     concurrent callers never read a partial file. Its name carries ``CACHE_VERSION``.

@@ -1,0 +1,45 @@
+"""A tiny classifier whose decision is known: class 1 is the brightness of one square.
+
+``SpotClassifier`` smooths the first channel with a fixed 3×3 conv and BatchNorm (so that eval
+mode matters), then scores class 1 as the mean of the square ``SPOT`` minus the image mean;
+class 0 is its negative. A correct saliency map for class 1 lies on the square.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+SIZE = 32
+SPOT = (slice(8, 16), slice(18, 26))  # rows, columns of the deciding square
+
+
+class SpotClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = 1 / 9
+        weight = torch.full((SIZE, SIZE), -1.0 / (SIZE * SIZE))
+        weight[SPOT] += 1.0 / 64
+        self.register_buffer("weight", weight * 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.norm(self.conv(images))[:, 0]  # (N, H, W)
+        score = (features * self.weight).flatten(1).sum(1)
+        return torch.stack([-score, score], dim=1)
+
+
+def spot_images(folder, count: int = 2, seed: int = 0) -> list:
+    """PNG files with a bright square on ``SPOT`` over noise; returns their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.uniform(0.2, 0.5, size=(SIZE, SIZE, 3))
+        pixels[SPOT] = rng.uniform(0.9, 1.0)
+        path = folder / f"spot{i}.png"
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
