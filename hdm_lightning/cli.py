@@ -63,7 +63,8 @@ class HDMCLI(LightningCLI):
         if hasattr(logger, "class_path") and logger.class_path.endswith("WandbLogger"):
             run_dir = Path(self.config.out_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            logger.init_args.save_dir = logger.init_args.get("save_dir") or str(run_dir)
+            if logger.init_args.get("save_dir") in (None, "."):  # "." is WandbLogger's default
+                logger.init_args.save_dir = str(run_dir)
             id_file = run_dir / "wandb_id.txt"
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:8])

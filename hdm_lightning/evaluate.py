@@ -24,7 +24,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from hdm_lightning.metrics import (
 from hdm_lightning.outputs import RunFolder, overlay
 
 MetricName = Literal["deletion", "insertion", "confidence", "pointing", "energy", "localisation"]
-METRICS: tuple[str, ...] = MetricName.__args__
+METRICS: tuple[str, ...] = get_args(MetricName)
 GROUND_TRUTH_METRICS = ("pointing", "energy", "localisation")
 #: What each metric's ``update`` takes, by the names of :func:`evaluate`'s batch tensors.
 INPUTS = {
@@ -68,6 +68,13 @@ CURVES = ("deletion", "insertion")
 #: torchmetrics' distributed and caching options: not settings of an evaluation.
 METRIC_RUNTIME_ARGS = {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
                        "distributed_available_fn", "sync_on_compute", "compute_with_cache"}
+#: Metrics with settings of their own: ``--<group>.<argument>``, less what the evaluation gives.
+METRIC_GROUPS = (
+    ("deletion", DeletionAUC, {"classifier"}),
+    ("insertion", InsertionAUC, {"classifier"}),
+    ("pointing", PointingGame, {"num_classes"}),
+    ("localisation", TopPercentLocalisation, set()),
+)
 GALLERY_IMAGES = 6
 
 
@@ -113,7 +120,8 @@ def image_key(path: str, images: str) -> str:
     """The name ground truth knows an image by: its path under the image folder (or list's folder).
 
     Example:
-        >>> image_key("/data/cub/001.Albatross/a.jpg", "/data/cub/list.txt"), image_key("/elsewhere/b.jpg", "/data")
+        >>> listing = "/data/cub/list.txt"
+        >>> image_key("/data/cub/001.Albatross/a.jpg", listing), image_key("/else/b.jpg", listing)
         ('001.Albatross/a.jpg', 'b.jpg')
     """
     root = Path(images) if Path(images).is_dir() else Path(images).parent
@@ -148,7 +156,8 @@ def table_row(metrics: dict[str, Metric], count: int) -> dict[str, float]:
     row = {"images": float(count)}
     for name, metric in metrics.items():
         value = metric.compute()
-        row.update({k: float(v) for k, v in value.items()} if isinstance(value, dict) else {COLUMNS[name]: float(value)})
+        scalars = value if isinstance(value, dict) else {COLUMNS[name]: value}
+        row.update({column: float(v) for column, v in scalars.items()})
     return row
 
 
@@ -193,7 +202,7 @@ def evaluate(
             inputs["masks"] = torch.stack(masks).to(device)  # (B, S, S)
         for label, run in runs.items():
             inputs["maps"] = resize_maps([run.load_map(r.name) for r in records], size).to(device)  # (B, S, S)
-            inputs["targets"] = torch.tensor([indexes[label][r.name]["target"] for r in records], device=device)
+            inputs["targets"] = torch.tensor([indexes[label][r.name]["target"] for r in records], dtype=torch.long, device=device)
             for name, metric in scores[label].items():
                 metric.update(*(inputs[key] for key in INPUTS[name]))
     results = Results(images={datamodule.records[i].name: datamodule.records[i].path for i in indices})
@@ -215,7 +224,8 @@ def write_tables(results: Results, out_dir: Path) -> list[str]:
     cells = [[line["method"], *(f"{line[c]:.4g}" for c in columns[1:])] for line in lines]
     table = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}", *(f"| {' | '.join(c)} |" for c in cells)]
     lower = [c for c in columns if c in LOWER_IS_BETTER]
-    note = f"\nMeans over {len(results.images)} images. Lower is better for {', '.join(lower) or 'none'}; higher for the rest.\n"
+    note = (f"\nMeans over {len(results.images)} images. Lower is better for {', '.join(lower) or 'none'}; "
+            "higher for the rest.\n")
     (out_dir / "results.md").write_text("\n".join(table) + "\n" + note)
     return columns
 
@@ -278,9 +288,8 @@ def build_parser() -> ArgumentParser:
                         help="object masks for the pointing game and top-p % localisation")
     parser.add_argument("--metrics", type=list[MetricName] | None, default=None,
                         help="metrics to compute; None: every one the inputs allow")
-    for group, metric, skip in (("deletion", DeletionAUC, {"classifier"}), ("insertion", InsertionAUC, {"classifier"}),
-                                ("pointing", PointingGame, {"num_classes"}), ("localisation", TopPercentLocalisation, set())):
-        parser.add_class_arguments(metric, group, skip=skip | METRIC_RUNTIME_ARGS, instantiate=False)
+    for group, metric, given in METRIC_GROUPS:
+        parser.add_class_arguments(metric, group, skip=given | METRIC_RUNTIME_ARGS, instantiate=False)
     parser.add_argument("--out_dir", default="runs/eval", help="folder of the table and the figures")
     parser.add_argument("--device", default="auto", help="torch device of the classifier; auto: cuda if available")
     parser.add_argument("--wandb", type=bool, default=False, help="log the table and figures to offline W&B")
@@ -302,7 +311,7 @@ def main(args: list[str] | None = None) -> Results:
     parser.save(config, str(out_dir / "config.yaml"), overwrite=True, skip_validation=True)
     device = resolve_device(config.device)
     runs = {label: RunFolder(run) for label, run in zip(method_labels(config.runs), config.runs)}
-    settings = {group: config[group].as_dict() for group in ("deletion", "insertion", "pointing", "localisation")}
+    settings = {group: config[group].as_dict() for group, _, _ in METRIC_GROUPS}
     classifier = load_classifier(init.model.classifier).to(device)
     results = evaluate(runs, classifier, init.data, init.ground_truth, metric_names, settings, device)
     columns = write_tables(results, out_dir)

@@ -6,8 +6,9 @@ the pixels of the target objects. Class 1 scenes hold 1..``max_instances`` *targ
 Every scene also holds distractors:
 
 - red squares of the same area and colour as a target, so that colour statistics do not decide
-  the class: where a class 1 scene has its targets, a class 0 scene has as many red squares (same
-  distribution), and both classes get 0..``max_red_squares`` more;
+  the class: where a class 1 scene has its 1..``max_instances`` targets, a class 0 scene has
+  0..``max_instances`` red squares, and both classes get 0..``max_red_squares`` more (class 0
+  scenes without any red object teach that no target means class 0);
 - disks of other colours, black and grey included, so that shape alone does not decide it either,
   and a target blacked out or set to the mean colour (as a saliency method removes it) reads as
   class 0.
@@ -86,10 +87,19 @@ def normalize(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def _background(n: int, size: int, generator: torch.Generator) -> Tensor:
-    """Smooth muted colour fields, a random 4x4 grid upsampled bilinearly: ``(n, 3, size, size)``."""
+def _background(n: int, size: int, blank: float, generator: torch.Generator) -> Tensor:
+    """Smooth muted colour fields, a random 4x4 grid upsampled bilinearly: ``(n, 3, size, size)``.
+
+    In a ``blank`` share of the scenes, a random share of the cells of another 4x4 grid is blank:
+    black or the mean grey, as in a masked image, so that masked inputs are in distribution.
+    """
     coarse = 0.25 + 0.5 * torch.rand(n, 3, 4, 4, generator=generator)  # (n, 3, 4, 4)
-    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    field = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    share = torch.rand(n, 1, 1, 1, generator=generator) * (torch.rand(n, 1, 1, 1, generator=generator) < blank)
+    cells = (torch.rand(n, 1, 4, 4, generator=generator) < share).float()  # (n, 1, 4, 4)
+    blanked = F.interpolate(cells, size=(size, size), mode="nearest").bool()  # (n, 1, size, size)
+    value = 0.5 * (torch.rand(n, 1, 1, 1, generator=generator) < 0.5)  # grey or black
+    return torch.where(blanked, value, field)
 
 
 def _centres(n: int, slots: int, size: int, radius: float, generator: torch.Generator) -> Tensor:
@@ -121,7 +131,8 @@ def _objects(
 
     Slots come in three kinds: ``counts[0]`` primary slots (targets in class 1, red squares in
     class 0), ``counts[1]`` extra red squares, ``counts[2]`` disks of other colours. A scene fills
-    the first 1..counts[0], 0..counts[1] and 0..counts[2] slots of each kind.
+    the first 1..counts[0] (class 1) or 0..counts[0] (class 0), 0..counts[1] and 0..counts[2]
+    slots of each kind.
 
     Returns:
         present, disk, target ``(n, slots)`` bool; colour ``(n, slots, 3)``; radius ``(n, slots)``.
@@ -129,8 +140,9 @@ def _objects(
     n, slots = labels.shape[0], sum(counts)
     kind = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))  # (slots,)
     rank = torch.cat([torch.arange(c) for c in counts])  # (slots,) index within the kind
-    filled = torch.stack([torch.randint(low, c + 1, (n,), generator=generator)
-                          for low, c in zip((1, 0, 0), counts)], dim=1)  # (n, 3)
+    low = torch.stack([labels, torch.zeros_like(labels), torch.zeros_like(labels)], dim=1)  # (n, 3)
+    high = torch.tensor(counts) + 1  # (3,) exclusive
+    filled = low + (torch.rand(n, 3, generator=generator) * (high - low)).long()  # (n, 3) uniform
     present = rank < filled[:, kind]  # (n, slots)
     target = (kind == 0) & labels.bool().view(-1, 1)  # (n, slots)
     disk = target | (kind == 2)
@@ -163,6 +175,7 @@ def make_scenes(
     max_red_squares: int = 2,
     max_other_disks: int = 2,
     noise: float = 0.05,
+    blank: float = 0.5,
     colour_jitter: float = 0.08,
 ) -> SyntheticScenes:
     """Draw ``n`` scenes; labels alternate 1, 0, 1, 0, ... (object positions are random).
@@ -175,7 +188,8 @@ def make_scenes(
         radius: (min, max) radius of every object in pixels.
         max_red_squares: extra red squares per scene, 0..max_red_squares (both classes).
         max_other_disks: disks of other colours per scene, 0..max_other_disks (both classes).
-        noise: standard deviation of the Gaussian pixel noise.
+        noise: largest standard deviation of the Gaussian pixel noise (uniform per scene).
+        blank: share of the scenes whose background is partly blank (black or mean grey).
         colour_jitter: half-width of the uniform jitter of each object's colour.
 
     Returns:
@@ -188,7 +202,7 @@ def make_scenes(
     _validate(size, n, counts, radius)
     generator = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % 2 == 0).long()  # (n,)
-    background = _background(n, size, generator)  # (n, 3, size, size)
+    background = _background(n, size, blank, generator)  # (n, 3, size, size)
     centres = _centres(n, sum(counts), size, radius[1], generator)  # (n, slots, 2)
     present, disk, target, colour, radii = _objects(labels, counts, radius, colour_jitter, generator)
     ids = torch.zeros(n, size, size, dtype=torch.long)  # 0 is background, slot + 1 an object
@@ -199,7 +213,8 @@ def make_scenes(
     colour = torch.cat([torch.zeros(n, 1, 3), colour], dim=1)  # (n, slots + 1, 3)
     painted = colour.gather(1, flat.expand(-1, -1, 3)).transpose(1, 2).view(n, 3, size, size)
     images = torch.where((ids > 0).unsqueeze(1), painted, background)  # (n, 3, size, size)
-    images = (images + noise * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    sigma = noise * torch.rand(n, 1, 1, 1, generator=generator)
+    images = (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
     target = torch.cat([torch.zeros(n, 1, dtype=torch.bool), target], dim=1)  # (n, slots + 1)
     masks = target.gather(1, flat.squeeze(2)).view(n, size, size)
     return SyntheticScenes(images, labels, masks, target.sum(1))

@@ -1,8 +1,8 @@
 """A tiny classifier that looks at one fixed square, with a conv layer for Grad-CAM.
 
 ``RegionClassifier`` zeroes everything outside ``region``, takes the colour mean with a 1×1
-conv, rectifies it and pools: the class-1 logit is the mean of ``ReLU(colour mean)`` over the
-region, the class-0 logit a constant ``threshold``. A bright square on the region makes class 1
+conv, rectifies it and pools: the class-1 logit is ``gain`` times the mean of ``ReLU(colour mean)``
+over the region, the class-0 logit a constant ``threshold``. A bright square on the region makes class 1
 the top class; a correct map for class 1 lies on the region, whatever else is bright.
 """
 
@@ -24,15 +24,17 @@ def region_slices(region: tuple[int, int, int, int]) -> tuple[slice, slice]:
 
 
 class RegionClassifier(nn.Module):
-    """Logits ``(threshold, mean over the region of ReLU(mean over colours))``.
+    """Logits ``(threshold, gain · mean over the region of ReLU(mean over colours))``.
 
     Args:
         size: side of the square input.
         region: ``(top, left, height, width)`` of the square the decision rests on.
+        gain: slope of the class-1 logit.
         threshold: the class-0 logit.
     """
 
-    def __init__(self, size: int = SIZE, region: tuple[int, int, int, int] = REGION, threshold: float = 0.5) -> None:
+    def __init__(self, size: int = SIZE, region: tuple[int, int, int, int] = REGION, gain: float = 4.0,
+                 threshold: float = 2.0) -> None:
         super().__init__()
         weight = torch.zeros(size, size)
         weight[region_slices(region)] = 1.0
@@ -41,7 +43,7 @@ class RegionClassifier(nn.Module):
         self.fc = nn.Linear(1, 2)
         with torch.no_grad():
             self.conv.weight.fill_(1 / 3)
-            self.fc.weight.copy_(torch.tensor([[0.0], [weight.numel() / weight.sum()]]))  # undo the pooling
+            self.fc.weight.copy_(torch.tensor([[0.0], [gain * weight.numel() / weight.sum()]]))  # undo the pooling
             self.fc.bias.copy_(torch.tensor([threshold, 0.0]))
 
     def forward(self, images: Tensor) -> Tensor:

@@ -1,0 +1,77 @@
+"""End to end through ``train_masks.py``'s CLI, in-process."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hdm_lightning.cli import main
+from tests.helpers.tiny import spot_images
+
+SMALL = [
+    "--model.classifier.class_path=hdm_lightning.models.ImportedClassifier",
+    "--model.classifier.init_args.class_path=tests.helpers.tiny.SpotClassifier",
+    "--model.benchmark_sizes=[3,4]", "--model.block_factors=[2]", "--model.max_size=8", "--model.lr=0.05",
+    "--data.image_size=32", "--data.mean=[0.5,0.5,0.5]", "--data.std=[0.5,0.5,0.5]", "--data.batch_size=2",
+    "--schedule.stages=2", "--schedule.min_steps=5", "--schedule.max_steps=10", "--schedule.check_every=5",
+    "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = spot_images(folder, count=3)
+    Image.open(paths[0]).resize((48, 40)).save(paths[0])  # maps come back at each file's resolution
+    return folder
+
+
+def run(images, out_dir, *extra):
+    main([f"--data.images={images}", f"--out_dir={out_dir}", *SMALL, *extra])
+
+
+def test_cli_writes_every_output_and_skips_done_images(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(images, out, "--trainer.logger.init_args.mode=offline")
+    assert "Explained 3 of 3 images" in capsys.readouterr().out
+    assert np.load(out / "maps" / "spot0.npy").shape == (40, 48)
+    assert np.load(out / "maps" / "spot1.npy").dtype == np.float32
+    for name in ("spot0", "spot1", "spot2"):
+        assert (out / "stages" / f"{name}_stage1.npy").is_file()
+        assert (out / "stages" / f"{name}_stage2.npy").is_file()
+        assert Image.open(out / "overlays" / f"{name}.png").size[0] > 0
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == ["spot0", "spot1", "spot2"]
+    assert all(r["target"] == 1 and r["class_name"] == "1" and r["steps"] > 0 for r in rows)
+    assert all(set(r) >= {"image", "logit", "masked_logit", "seconds"} for r in rows)
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert any((out / "wandb").glob("offline-run-*")), "W&B logs offline into the run folder"
+
+    mtime = (out / "maps" / "spot1.npy").stat().st_mtime_ns
+    run(images, out, "--trainer.logger=false")
+    assert (out / "maps" / "spot1.npy").stat().st_mtime_ns == mtime
+    assert len((out / "index.jsonl").read_text().splitlines()) == 3
+
+
+def test_unreadable_image_is_reported_and_the_rest_explained(images, tmp_path, capsys):
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    run(images, out, "--trainer.logger=false", "--schedule.stages=1")
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["image"] for f in failed] == [str(images / "broken.png")]
+    assert len(list((out / "maps").glob("*.npy"))) == 3
+
+
+def test_help_lists_the_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--data.images", "--out_dir", "--trainer.devices", "--schedule.stages", "--model.fusion"):
+        assert option in text
+
+
+def test_missing_input_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run(tmp_path / "nowhere", tmp_path / "run", "--trainer.logger=false")

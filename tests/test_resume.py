@@ -1,0 +1,112 @@
+"""A resumed run equals an uninterrupted one (bitwise on the CPU) and never redoes an image."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from hdm_lightning.callbacks import HDMSchedule
+from hdm_lightning.outputs import RunFolder
+from tests.helpers.run import build, explain, maps
+from tests.helpers.tiny import spot_images
+from tests.test_cli import SMALL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=3)
+    return folder
+
+
+class Kill(Callback):
+    """Stops the run like a SIGKILL right after step ``at``: nothing after the checkpoint runs."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise Killed
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [7, 45, "second batch"])  # mid level, mid stage 2, second batch
+def test_resumed_run_equals_uninterrupted_run(images, tmp_path, stop_at):
+    expected = maps(explain(images, tmp_path / "whole", batch_size=2))
+    if stop_at == "second batch":
+        stop_at = 7 + RunFolder(tmp_path / "whole").read_index()["spot0"]["steps"]
+    out = tmp_path / "cut"
+    saver = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=stop_at, save_top_k=0, save_last=True)
+    model, data, trainer = build(images, out, batch_size=2, trainer={"enable_checkpointing": True},
+                                 callbacks=[saver, Kill(stop_at)])
+    with pytest.raises(Killed):
+        trainer.fit(model, datamodule=data)
+    done_before = set(maps(RunFolder(out)))
+
+    model, data, trainer = build(images, out, batch_size=2)
+    trainer.fit(model, datamodule=data, ckpt_path=out / "checkpoints" / "last.ckpt")
+    resumed = maps(RunFolder(out))
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name])
+    rows = [json.loads(x)["name"] for x in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(rows) == sorted(expected)  # no image written twice
+    assert done_before == ({"spot0", "spot1"} if stop_at > 45 else set())
+
+
+def test_schedule_state_round_trips_through_a_checkpoint(images, tmp_path):
+    model, data, trainer = build(images, tmp_path / "run", trainer={"max_steps": 13})
+    trainer.fit(model, datamodule=data)
+    path = tmp_path / "state.ckpt"
+    trainer.save_checkpoint(path)
+    schedule = next(c for c in trainer.callbacks if isinstance(c, HDMSchedule))
+    restored = HDMSchedule(str(tmp_path / "run"), stages=2, min_steps=20, max_steps=40, patience=10, check_every=10)
+    checkpoint = torch.load(path, weights_only=False)
+    restored.load_state_dict(checkpoint["callbacks"][schedule.state_key])
+    assert (restored.batch, restored.stage, restored.level, restored.step) == (
+        schedule.batch, schedule.stage, schedule.level, schedule.step)
+    assert torch.equal(restored.best, schedule.best.cpu())
+    assert not any(k.startswith("classifier.") for k in checkpoint["state_dict"])
+
+
+def cli_command(images, out_dir):
+    return [sys.executable, str(ROOT / "train_masks.py"), f"--data.images={images}", f"--out_dir={out_dir}", *SMALL,
+            "--trainer.logger=false", "--trainer.deterministic=true", "--data.batch_size=1",
+            "--schedule.max_steps=60", "--schedule.min_steps=60", "--checkpoint.every_n_train_steps=3"]
+
+
+def test_sigkill_in_the_middle_of_a_stage_then_same_command_resumes(images, tmp_path):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(cli_command(images, whole), check=True, env=environment, capture_output=True, cwd=ROOT)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(cli_command(images, killed), env=environment, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "maps" / "spot0.npy").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # now inside the second image's first stage
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "maps" / "spot2.npy").is_file(), "the run finished before it was killed"
+    first_map = (killed / "maps" / "spot0.npy").stat().st_mtime_ns
+    subprocess.run(cli_command(images, killed), check=True, env=environment, capture_output=True, cwd=ROOT)
+    assert (killed / "maps" / "spot0.npy").stat().st_mtime_ns == first_map  # never recomputed
+    for name in ("spot0", "spot1", "spot2"):
+        np.testing.assert_array_equal(np.load(killed / "maps" / f"{name}.npy"), np.load(whole / "maps" / f"{name}.npy"))
