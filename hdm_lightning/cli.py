@@ -92,7 +92,7 @@ def main(args: list[str] | None = None) -> None:
     )
     out_dir = cli.config.out_dir
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_check=True)
+    cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_validation=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume_path(out_dir, cli.config.resume))
     report(RunFolder(out_dir), cli.datamodule)
 

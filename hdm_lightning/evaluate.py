@@ -202,7 +202,8 @@ def evaluate(
             inputs["masks"] = torch.stack(masks).to(device)  # (B, S, S)
         for label, run in runs.items():
             inputs["maps"] = resize_maps([run.load_map(r.name) for r in records], size).to(device)  # (B, S, S)
-            inputs["targets"] = torch.tensor([indexes[label][r.name]["target"] for r in records], dtype=torch.long, device=device)
+            targets = [indexes[label][r.name]["target"] for r in records]
+            inputs["targets"] = torch.tensor(targets, dtype=torch.long, device=device)  # (B,)
             for name, metric in scores[label].items():
                 metric.update(*(inputs[key] for key in INPUTS[name]))
     results = Results(images={datamodule.records[i].name: datamodule.records[i].path for i in indices})

@@ -57,6 +57,9 @@ class MaskExplainer(LightningModule):
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
         fusion: how stage maps are fused; None means :class:`SumFusion`.
+        chunk_size: most masked images per classifier forward (gradients accumulate over
+            chunks); None puts the whole level in one batch. Bounds memory; on a CPU, small
+            batches of 6-8 images are also faster per image.
         mean: normalisation mean of the classifier input (linked from the data settings).
         std: normalisation std of the classifier input (linked from the data settings).
     """
@@ -76,6 +79,7 @@ class MaskExplainer(LightningModule):
         blur_sigma: float = 10.0,
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
+        chunk_size: int | None = None,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
@@ -84,6 +88,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"model.chunk_size must be >= 1 or null, got {chunk_size}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "target_policy", "fusion"])
@@ -111,18 +117,27 @@ class MaskExplainer(LightningModule):
             for c, a in zip(self.chain_ids, self.masks)
         ]
 
-    def item_losses(self) -> Tensor:
-        """Loss of every (chain, image) item of the level, ``(K, N)``."""
+    def item_losses(self, chains: range) -> Tensor:
+        """Loss of the (chain, image) items of the level's chains ``chains``, ``(k, N)``."""
+        masks = [self.masks[i] for i in chains]
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             size = self.stage_input.shape[-2:]
-            kept = torch.stack([M.upsample(p, size) for p in self.superimposed()])  # (K, N, H, W)
+            superimposed = self.superimposed()
+            kept = torch.stack([M.upsample(superimposed[i], size) for i in chains])  # (k, N, H, W)
         k, n = kept.shape[:2]
         masked = M.apply_mask(
             self.stage_input.repeat(k, 1, 1, 1), kept.flatten(0, 1), self.substrate.repeat(k, 1, 1, 1)
-        )  # (K·N, C, H, W)
+        )  # (k·N, C, H, W)
         logit = self.target_logit(masked, self.targets.repeat(k)).view(k, n)
-        sparsity = torch.stack([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in self.masks])
+        sparsity = torch.stack([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in masks])
         return M.consistency_loss(logit, self.reference, self.hparams.consistency_weight) + sparsity
+
+    def chain_chunks(self) -> list[range]:
+        """Groups of the level's chains whose items fit in one classifier batch of ``chunk_size``."""
+        per_chunk = len(self.masks)
+        if self.hparams.chunk_size is not None:
+            per_chunk = max(1, self.hparams.chunk_size // self.stage_input.shape[0])
+        return [range(i, min(i + per_chunk, len(self.masks))) for i in range(0, len(self.masks), per_chunk)]
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -132,11 +147,15 @@ class MaskExplainer(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         optimiser = self.optimizers()
         before = [a.detach().clone() for a in self.masks]
-        losses = self.item_losses()  # (K, N)
         optimiser.zero_grad()
-        with self.no_gradient_sync():
-            self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
+        chunks = []
+        for chains in self.chain_chunks():  # gradients accumulate over chunks
+            losses = self.item_losses(chains)  # (k, N)
+            with self.no_gradient_sync():
+                self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
+            chunks.append(losses.detach())
         optimiser.step()
+        losses = torch.cat(chunks)  # (K, N)
         self.project(before)
         self.last_loss = losses.detach()
         self.log(f"stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True, prog_bar=True)
