@@ -28,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Real photos that ship inside installed packages: the demo needs no download.
 BUILTIN_PHOTOS = ("skimage:chelsea", "skimage:coffee", "matplotlib:grace_hopper.jpg")
+PHOTO_SOURCES = ("skimage", "matplotlib", "sklearn")
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def manifest_row(path: Path, row: int, entry: dict) -> tuple[str, int | None]:
 
 
 def resolve(root: Path, image: str) -> str:
-    return str(Path(image) if Path(image).is_absolute() else root / image)
+    """``image`` relative to ``root``; absolute paths and package photos (``skimage:NAME``) as they are."""
+    if Path(image).is_absolute() or image.split(":")[0] in PHOTO_SOURCES:
+        return image
+    return str(root / image)
 
 
 def with_names(rows: list[tuple[str, int | None]], root: Path | None = None) -> list[ImageRecord]:
