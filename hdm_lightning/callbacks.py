@@ -114,11 +114,13 @@ class HDMSchedule(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clock = time.perf_counter()
         self.best, self.since, self.kept = (t.to(pl_module.device) for t in (self.best, self.since, self.kept))
-        pl_module.explaining = True
+        pl_module.explaining, pl_module.idle = True, False
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.batch is None and not self.start_next_batch(trainer, pl_module):
+        if self.batch is None and not pl_module.idle and not self.start_next_batch(trainer, pl_module):
+            pl_module.idle = True  # the module takes empty steps until every rank is done
+        if self.every_rank_done(trainer, pl_module.idle):
             pl_module.explaining = False  # the module's hook then ends the epoch
             trainer.should_stop = True
 
@@ -126,6 +128,8 @@ class HDMSchedule(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.batch is None:  # an empty step, or the batch just finished
+            return
         self.step += 1
         self.batch_steps += 1
         if self.step % self.check_every and self.step < self.max_steps:
@@ -138,6 +142,20 @@ class HDMSchedule(Callback):
             self.next_level(trainer, pl_module)
 
     # --------------------------------------------------------------------- schedule
+    def every_rank_done(self, trainer: pl.Trainer, done: bool) -> bool:
+        """Whether no rank has an image left; all ranks stop together.
+
+        Ranks explain different numbers of images and levels converge after different numbers of
+        steps, so a rank that is done takes empty steps (its ``global_step`` still advances) and
+        the ranks agree on stopping only at global steps that are multiples of ``check_every``:
+        the same steps on every rank, so the collective pairs up, and no per-step host sync.
+        """
+        if trainer.world_size == 1:
+            return done
+        if trainer.global_step % self.check_every:
+            return False
+        return trainer.strategy.reduce_boolean_decision(done, all=True)
+
     def start_next_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Loads the next images of this rank that are not done; False when none is left."""
         datamodule = trainer.datamodule

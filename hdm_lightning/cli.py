@@ -2,7 +2,9 @@
 
 The LightningCLI parses the module (``--model.*``), the data (``--data.*``), the Trainer
 (``--trainer.*``), the schedule (``--schedule.*``), the checkpoints (``--checkpoint.*``) and the
-run folder (``--out_dir``). With no argument at all it runs the demo preset.
+run folder (``--out_dir``). With no argument at all it runs the demo preset. Several processes
+(``--trainer.devices N --trainer.num_nodes M``) need ``--trainer.strategy ddp_independent``; a plain
+``ddp`` is replaced by it, with a note (:mod:`hdm_lightning.strategy` says why).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from hdm_lightning.callbacks import HDMSchedule, MapWriter
 from hdm_lightning.data import ExplanationDataModule
 from hdm_lightning.module import MaskExplainer
 from hdm_lightning.outputs import RunFolder
+from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy, rank_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+OURS = f"{IndependentRanksStrategy.__module__}.{IndependentRanksStrategy.__name__}"
+#: Spellings of plain DDP that the CLI replaces by :class:`IndependentRanksStrategy`.
+PLAIN_DDP = ("ddp", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy")
 DEMO_ARGS = ["--config", str(CONFIGS / "fast.yaml"), "--config", str(CONFIGS / "demo.yaml")]
 
 
@@ -58,6 +65,26 @@ class HDMCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        self.replace_plain_ddp()
+        self.place_wandb()
+
+    def replace_plain_ddp(self) -> None:
+        """``ddp`` (or ``auto`` over several devices) would average gradients across ranks and mix
+        images' masks: run ours instead. Other parallel strategies fail in ``MaskExplainer.setup``."""
+        strategy = self.config.get("trainer.strategy")
+        if strategy == OURS:  # a class path given as a plain string: Lightning takes strings for names
+            self.config["trainer.strategy"] = STRATEGY_NAME
+            return
+        several = several_processes(self.config.get("trainer.devices"), self.config.get("trainer.num_nodes"))
+        if strategy in PLAIN_DDP or (strategy == "auto" and several):
+            self.config["trainer.strategy"] = STRATEGY_NAME
+        elif hasattr(strategy, "class_path") and strategy.class_path in PLAIN_DDP:
+            strategy.class_path = OURS
+        else:
+            return
+        rank_zero_info(f"trainer.strategy: plain DDP would mix different images' masks; using {STRATEGY_NAME!r}")
+
+    def place_wandb(self) -> None:
         """W&B files go to the run folder, and a resumed run continues the same W&B run."""
         logger = self.config.get("trainer.logger")
         if hasattr(logger, "class_path") and logger.class_path.endswith("WandbLogger"):
@@ -72,9 +99,27 @@ class HDMCLI(LightningCLI):
             logger.init_args.resume = "allow"
 
 
-def resume_path(out_dir: str, resume: bool) -> str | None:
+def several_processes(devices: int | str | list[int] | None, num_nodes: int | None) -> bool:
+    """Whether ``--trainer.devices`` and ``--trainer.num_nodes`` surely ask for more than one process.
+
+    Example:
+        >>> several_processes(2, 1), several_processes("0,1", 1), several_processes("auto", 1)
+        (True, True, False)
+    """
+    if num_nodes is not None and num_nodes > 1:
+        return True
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, int):
+        return devices > 1
+    return isinstance(devices, list) and len(devices) > 1
+
+
+def resume_path(out_dir: str, resume: bool, world_size: int = 1) -> str | None:
+    """``<out_dir>/checkpoints/last.ckpt`` when every rank's file of it is there (see ``rank_path``)."""
     last = Path(checkpoint_dir(out_dir)) / "last.ckpt"
-    return str(last) if resume and last.is_file() else None
+    files = [rank_path(last, rank, world_size) for rank in range(world_size)]
+    return str(last) if resume and all(f.is_file() for f in files) else None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -93,8 +138,10 @@ def main(args: list[str] | None = None) -> None:
     out_dir = cli.config.out_dir
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_validation=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume_path(out_dir, cli.config.resume))
-    report(RunFolder(out_dir), cli.datamodule)
+    checkpoint = resume_path(out_dir, cli.config.resume, cli.trainer.world_size)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    if cli.trainer.is_global_zero:  # every rank has written its images before the ranks stop together
+        report(RunFolder(out_dir), cli.datamodule)
 
 
 def report(run: RunFolder, datamodule: ExplanationDataModule) -> None:

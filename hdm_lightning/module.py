@@ -8,19 +8,19 @@ out of checkpoints.
 
 Masks of different images and chains never share a parameter element, and the loss is a sum of
 per-item terms, so each mask's gradient is its own: a batch of images gives each image the result
-it gets alone. Under DDP the gradient all-reduce is switched off (``no_sync``): each rank
-optimises the masks of its own images, and averaging would mix different images' masks.
+it gets alone. Several processes run under :class:`~hdm_lightning.strategy.IndependentRanksStrategy`,
+which never wraps the module in ``DistributedDataParallel``: each rank optimises the masks of its
+own images, and DDP's gradient averaging would mix different images' masks.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.functional import gaussian_blur
 from typing_extensions import override
 
@@ -28,6 +28,7 @@ from hdm_lightning import masks as M
 from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.fusion import Fusion, SumFusion
 from hdm_lightning.models import EfficientNetLite0, freeze
+from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy
 from hdm_lightning.targets import KeepTarget, TargetPolicy
 
 #: Buffers that carry one batch through the method; rebuilt from a checkpoint's shapes.
@@ -105,7 +106,8 @@ class MaskExplainer(LightningModule):
         self.masks = nn.ParameterList()
         self.stage, self.level, self.chain_ids = -1, -1, []
         self.last_loss: Tensor | None = None
-        self.explaining = True  # HDMSchedule clears it when no image is left
+        self.explaining = True  # HDMSchedule clears it when no image is left on any rank
+        self.idle = False  # HDMSchedule sets it when this rank is done but another one is not
         self.finished: list = []  # explanations the schedule finished, for MapWriter
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
 
@@ -140,25 +142,39 @@ class MaskExplainer(LightningModule):
         return [range(i, min(i + per_chunk, len(self.masks))) for i in range(0, len(self.masks), per_chunk)]
 
     @override
+    def setup(self, stage: str) -> None:
+        """Refuses strategies that would wrap the module in ``DistributedDataParallel`` (see above)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, IndependentRanksStrategy):
+            raise ValueError(
+                f"trainer.strategy {type(strategy).__name__} would average gradients across ranks and mix "
+                f"different images' masks; use trainer.strategy={STRATEGY_NAME!r} to run several processes"
+            )
+
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         return None if self.explaining else -1  # -1 ends the epoch: every image is done
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         optimiser = self.optimizers()
+        if self.idle:  # an empty step keeps global_step, which collectives are keyed to, equal on all ranks
+            optimiser.zero_grad()
+            optimiser.step()  # no gradient: nothing changes
+            return None
         before = [a.detach().clone() for a in self.masks]
         optimiser.zero_grad()
         chunks = []
         for chains in self.chain_chunks():  # gradients accumulate over chunks
             losses = self.item_losses(chains)  # (k, N)
-            with self.no_gradient_sync():
-                self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
+            self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
             chunks.append(losses.detach())
         optimiser.step()
         losses = torch.cat(chunks)  # (K, N)
         self.project(before)
         self.last_loss = losses.detach()
-        self.log(f"stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True, prog_bar=True)
+        rank = f"rank{self.global_rank}/" if self.trainer.world_size > 1 else ""  # ranks explain different images
+        self.log(f"{rank}stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True, prog_bar=True)
         return losses.sum()
 
     @torch.no_grad()
@@ -167,10 +183,6 @@ class MaskExplainer(LightningModule):
         for a, old, active in zip(self.masks, before, self.active):
             new = a.clamp(0, 1) if self.hparams.clamp else a
             a.copy_(torch.where(active[:, None, None], new, old))
-
-    def no_gradient_sync(self):
-        wrapped = self.trainer.strategy.model if self._trainer is not None else None
-        return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
     @override
     def configure_optimizers(self):

@@ -9,7 +9,8 @@ Layout under ``out_dir``::
 
 Every file is written to a temporary name and renamed, and the fused map is written last: an
 image counts as done exactly when ``maps/<name>.npy`` exists, so a killed run never takes a
-half-written file for a finished one.
+half-written file for a finished one. Several ranks share one folder: each writes the files of its
+own images, and index rows are appended whole, one ``write`` each, so rows never interleave.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def append_line(path: Path, row: dict) -> None:
+    """Appends ``row`` as one JSON line with a single ``O_APPEND`` write: atomic across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(handle, (json.dumps(row) + "\n").encode())
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -87,11 +99,7 @@ class RunFolder:
         atomic_write_bytes(self.map_path(name), npy_bytes(fused_array))
 
     def append_index(self, row: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "index.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.root / "index.jsonl", row)
 
     def read_index(self) -> dict[str, dict]:
         """Rows by image name; a row repeated by a resumed run keeps its latest version."""
@@ -105,7 +113,5 @@ class RunFolder:
         return np.load(self.map_path(name))
 
     def record_failure(self, path: str, error: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "failed.jsonl", "a") as handle:
-            handle.write(json.dumps({"image": path, "error": error}) + "\n")
+        append_line(self.root / "failed.jsonl", {"image": path, "error": error})
 

@@ -225,7 +225,7 @@ def split_instances(masks: Tensor) -> Tensor:
     Example:
         >>> scenes = make_scenes(2, seed=0)
         >>> split_instances(scenes.masks).flatten(2).any(2).sum(1).tolist(), scenes.instances.tolist()
-        ([1, 0], [1, 0])
+        ([3, 0], [3, 0])
     """
     _, height, width = masks.shape
     rows = ((torch.arange(height) + 0.5) * GRID / height).long()  # (H,) cell row of pixel centres

@@ -85,6 +85,7 @@ def test_red_pixel_count_does_not_decide_the_class():
     ("kwargs", "match"),
     [
         ({"max_instances": 0}, "max_instances"),
+        ({"max_other_disks": 0}, "max_other_disks >= 1"),
         ({"max_instances": 4, "max_red_squares": 3, "max_other_disks": 3}, "at most 9"),
         ({"radius": (6.0, 10.0)}, "radius="),  # does not fit a 64 / 3 pixel cell
         ({"n": 0}, "n=0"),
