@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--scenes", type=int, default=32, help="number of scenes to write")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--scene-seed", type=int, default=1234, help="seed of the written and held-out scenes")
+    parser.add_argument("--scene-seed", type=int, default=1234,
+                        help="seed of the written and the held-out scenes")
     args = parser.parse_args()
     if args.scenes < 1:
         parser.error(f"--scenes must be at least 1, got {args.scenes}")

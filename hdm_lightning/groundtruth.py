@@ -157,7 +157,8 @@ class BBoxCSV(GroundTruth):
             if missing:
                 raise ValueError(f"{self.path}: missing columns {missing}; header is {header}")
             index = [header.index(c) for c in CHESTX_COLUMNS]
-            return [self._parse(row, index, reader.line_num) for row in reader if any(c.strip() for c in row)]
+            rows = (row for row in reader if any(cell.strip() for cell in row))
+            return [self._parse(row, index, reader.line_num) for row in rows]
 
     def _parse(self, row: list[str], index: list[int], line: int) -> tuple[str, str, list[float]]:
         try:
@@ -166,7 +167,8 @@ class BBoxCSV(GroundTruth):
         except (IndexError, ValueError) as error:
             raise ValueError(f"{self.path}, line {line}: malformed row {row}: {error}") from None
         if not (w > 0 and h > 0):
-            raise ValueError(f"{self.path}, line {line}: box width and height must be positive, got {row}")
+            raise ValueError(f"{self.path}, line {line}: box width and height must be positive, "
+                             f"got {row}")
         return name, label, [x, y, x + w, y + h]
 
 
@@ -252,22 +254,25 @@ class VOCAnnotations(GroundTruth):
             raise FileNotFoundError(f"no VOC annotation for {image_name!r}: {path} does not exist")
         try:
             annotation = ET.parse(path).getroot()
-            source_size = (int(annotation.findtext("size/height")), int(annotation.findtext("size/width")))
+            size = annotation.find("size")
+            source_size = (int(size.findtext("height")), int(size.findtext("width")))
             _check_size(*source_size)
             boxes = [self._box(obj) for obj in annotation.findall("object") if self._keep(obj)]
-        except (ET.ParseError, TypeError, ValueError) as error:
+        except (ET.ParseError, AttributeError, TypeError, ValueError) as error:
             raise ValueError(f"malformed VOC annotation {path}: {error}") from None
         return boxes_to_mask(torch.tensor(boxes).view(-1, 4), source_size, height, width)
 
     def _keep(self, obj: ET.Element) -> bool:
         name = (obj.findtext("name") or "").strip()
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
-        return (self.classes is None or name in self.classes) and (self.include_difficult or not difficult)
+        wanted = self.classes is None or name in self.classes
+        return wanted and (self.include_difficult or not difficult)
 
     @staticmethod
     def _box(obj: ET.Element) -> list[float]:
         """``[x0, y0, x1, y1]`` half-open and 0-based from the 1-based inclusive ``bndbox``."""
-        xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+        keys = ("xmin", "ymin", "xmax", "ymax")
+        xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{key}")) for key in keys)
         if xmax < xmin or ymax < ymin:
             raise ValueError(f"bndbox has max < min: {(xmin, ymin, xmax, ymax)}")
         return [xmin - 1, ymin - 1, xmax, ymax]

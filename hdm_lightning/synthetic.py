@@ -139,7 +139,8 @@ def _objects(
     disk = target | (kind == 2)
     choice = torch.randint(len(OTHER_COLOURS), (n, slots), generator=generator)
     other = (kind == 2).view(1, slots, 1)
-    base = torch.where(other, torch.tensor(OTHER_COLOURS)[choice], torch.tensor(TARGET_COLOUR))  # (n, slots, 3)
+    palette = torch.tensor(OTHER_COLOURS)[choice]  # (n, slots, 3)
+    base = torch.where(other, palette, torch.tensor(TARGET_COLOUR))  # (n, slots, 3)
     colour = (base + jitter * (2 * torch.rand(n, slots, 3, generator=generator) - 1)).clamp(0, 1)
     radii = radius[0] + (radius[1] - radius[0]) * torch.rand(n, slots, generator=generator)
     return present, disk, target & present, colour, radii
@@ -147,8 +148,9 @@ def _objects(
 
 def _validate(size: int, n: int, counts: tuple[int, int, int], radius: tuple[float, float]) -> None:
     if n < 1 or counts[0] < 1 or counts[1] < 0 or counts[2] < 1:
-        raise ValueError(f"need n >= 1, max_instances >= 1, max_red_squares >= 0 and max_other_disks >= 1, "
-                         f"got n={n}, (max_instances, max_red_squares, max_other_disks)={counts}")
+        raise ValueError(f"need n >= 1, max_instances >= 1, max_red_squares >= 0 and "
+                         f"max_other_disks >= 1, got n={n}, "
+                         f"(max_instances, max_red_squares, max_other_disks)={counts}")
     if sum(counts) > GRID * GRID:
         raise ValueError(f"at most {GRID * GRID} objects fit, got max_instances + max_red_squares "
                          f"+ max_other_disks = {sum(counts)}")
@@ -297,11 +299,12 @@ def train_tiny_classifier(
     batches from a local generator, so two calls give identical weights on the same machine and
     thread count. AdamW with a one-cycle learning-rate schedule.
 
-    Measured with the defaults on held-out ``make_scenes(2000, seed=1234)``: 99.7 % accuracy
-    (seed 0; 99.1-99.75 % over seeds 0-3 and 1 or 2 threads). Setting the targets of the class 1
-    scenes to 0 (the mean grey) makes 100 % of them class 0, blacking them out 97-99.7 %; keeping
-    only the targets (the rest 0) keeps 99.9-100 % class 1. Training takes about 9 s on 2 idle
-    CPU cores, 12-15 s on one thread, and several times longer when other jobs share the cores.
+    Measured with the defaults on held-out ``make_scenes(2000, seed=1234)``: 99.6 % accuracy
+    (seed 0, 2 threads; 99.0-99.6 % over seeds 0-2 and 1 or 2 threads). Setting the targets of
+    the class 1 scenes to 0 (the mean grey) makes 99.8-100 % of them class 0, blacking them out
+    98-100 %; keeping only the targets (the rest 0) keeps 100 % class 1. Training takes 7-9 s on
+    2 idle CPU cores, 10-15 s on one thread, and several times longer when other jobs share the
+    cores.
 
     Args:
         seed: seed of the training scenes, the initial weights and the batch order.
@@ -319,8 +322,8 @@ def train_tiny_classifier(
         ValueError: if ``n_train``, ``epochs``, ``batch_size`` or ``lr`` is not positive.
     """
     if min(n_train, epochs, batch_size) < 1 or lr <= 0:
-        raise ValueError(f"n_train, epochs and batch_size must be >= 1 and lr > 0, got n_train={n_train}, "
-                         f"epochs={epochs}, batch_size={batch_size}, lr={lr}")
+        raise ValueError(f"n_train, epochs and batch_size must be >= 1 and lr > 0, got "
+                         f"n_train={n_train}, epochs={epochs}, batch_size={batch_size}, lr={lr}")
     scenes = make_scenes(n_train, size=size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -341,7 +344,7 @@ def train_tiny_classifier(
 
 
 def cached_tiny_classifier(cache_dir: str | os.PathLike, seed: int = 0) -> TinyClassifier:
-    """``train_tiny_classifier(seed)``, trained once: the weights are saved in ``cache_dir``, then loaded.
+    """``train_tiny_classifier(seed)``, trained once: weights are saved in ``cache_dir``, then loaded.
 
     The file is written atomically (a temporary file in the same folder, then ``os.replace``), so
     concurrent callers never read a partial file. Its name carries ``CACHE_VERSION``.

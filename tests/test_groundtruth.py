@@ -177,14 +177,16 @@ def _object(name: str, xmin, ymin, xmax, ymax, difficult: int = 0) -> str:
 
 @pytest.fixture
 def voc_root(tmp_path):
-    objects = _object("dog", 1, 1, 2, 2) + _object("cat", 5, 3, 8, 4) + _object("cat", 4, 1, 4, 1, difficult=1)
+    objects = _object("dog", 1, 1, 2, 2) + _object("cat", 5, 3, 8, 4)
+    objects += _object("cat", 4, 1, 4, 1, difficult=1)
     (tmp_path / "img.xml").write_text(_voc(objects))
     return tmp_path
 
 
 def test_voc_boxes_are_one_based_inclusive(voc_root):
     mask = VOCAnnotations(voc_root).mask_for("img.jpg", 4, 8)
-    expected = _grid(4, 8, [(slice(0, 2), slice(0, 2)), (slice(2, 4), slice(4, 8)), (slice(0, 1), slice(3, 4))])
+    boxes = [(slice(0, 2), slice(0, 2)), (slice(2, 4), slice(4, 8)), (slice(0, 1), slice(3, 4))]
+    expected = _grid(4, 8, boxes)
     assert torch.equal(mask, expected)
 
 

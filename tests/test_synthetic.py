@@ -167,6 +167,7 @@ def test_cached_classifier_trains_once(tmp_path, monkeypatch):
     first = cached_tiny_classifier(tmp_path / "cache", seed=2)
     second = cached_tiny_classifier(tmp_path / "cache", seed=2)
     assert calls == [2] and not second.training
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"tiny_classifier_v{synthetic.CACHE_VERSION}_seed2.pt"]
+    expected = f"tiny_classifier_v{synthetic.CACHE_VERSION}_seed2.pt"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [expected]  # no temporary left
     for x, y in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(x, y)
