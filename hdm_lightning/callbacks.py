@@ -253,7 +253,10 @@ class HDMSchedule(Callback):
 
 
 class MapWriter(Callback):
-    """Writes finished explanations (maps, stage maps, overlay, index row) and logs the overlays."""
+    """Writes finished explanations (maps, stage maps, overlay, index row) and logs the overlays.
+
+    Each rank writes the images it explained, so every image is written once, by its owner.
+    """
 
     def __init__(self, out_dir: str = "runs/hdm") -> None:
         self.run = RunFolder(out_dir)

@@ -24,6 +24,7 @@ from hdm_lightning.outputs import RunFolder
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy, rank_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+#: The class path of our strategy, which users may also give as a plain ``--trainer.strategy`` string.
 OURS = f"{IndependentRanksStrategy.__module__}.{IndependentRanksStrategy.__name__}"
 #: Spellings of plain DDP that the CLI replaces by :class:`IndependentRanksStrategy`.
 PLAIN_DDP = ("ddp", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy")
