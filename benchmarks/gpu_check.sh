@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -m pytest -q -m gpu tests hdm_lightning || [ $? -eq 5 ]  # 5: no GPU test collected
 for precision in 32-true bf16-mixed 16-mixed; do
   start=$(date +%s.%N)
-  $PY train_masks.py --config configs/fast.yaml --out_dir "runs/gpu-check-$precision" --resume false \
+  $PY train_masks.py --out_dir "runs/gpu-check-$precision" --resume false \
     --data.images benchmarks/two_photos.txt --data.batch_size 2 \
     --model.classifier.class_path hdm_lightning.models.TorchvisionClassifier \
     --model.classifier.init_args.name resnet50 \

@@ -35,8 +35,7 @@ HDM_VARIANTS = {
     "HDM fast, learned fusion": ["--config", "configs/fast.yaml", "--model.fusion=LearnedFusion"],
     "HDM fast, re-predict target": ["--config", "configs/fast.yaml", "--model.target_policy=Repredict"],
     "DM (1 stage)": ["--config", "configs/fast.yaml", "--schedule.stages=1"],
-    "MDM": ["--config", "configs/mdm.yaml", "--schedule.min_steps=40", "--schedule.max_steps=80",
-            "--schedule.patience=20", "--schedule.check_every=20", "--model.lr=0.05"],
+    "MDM": ["--config", "configs/mdm.yaml"],
 }
 BASELINES = {
     "Grad-CAM": ["--baseline=GradCAM"],

@@ -9,8 +9,10 @@ run folder (``--out_dir``). With no argument at all it runs the demo preset. Sev
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 OURS = f"{IndependentRanksStrategy.__module__}.{IndependentRanksStrategy.__name__}"
 #: Spellings of plain DDP that the CLI replaces by :class:`IndependentRanksStrategy`.
 PLAIN_DDP = ("ddp", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy")
-DEMO_ARGS = ["--config", str(CONFIGS / "fast.yaml"), "--config", str(CONFIGS / "demo.yaml")]
+DEMO_ARGS = ["--config", str(CONFIGS / "demo.yaml")]
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -117,15 +119,35 @@ def several_processes(devices: int | str | list[int] | None, num_nodes: int | No
 
 
 def resume_path(out_dir: str, resume: bool, world_size: int = 1) -> str | None:
-    """``<out_dir>/checkpoints/last.ckpt`` when every rank's file of it is there (see ``rank_path``)."""
-    last = Path(checkpoint_dir(out_dir)) / "last.ckpt"
-    files = [rank_path(last, rank, world_size) for rank in range(world_size)]
-    return str(last) if resume and all(f.is_file() for f in files) else None
+    """The newest complete checkpoint of the run, or None.
+
+    Candidates are ``<out_dir>/checkpoints/last.ckpt`` (written every few steps) and the
+    ``<out_dir>/hpc_ckpt_<n>.ckpt`` that Lightning's SLURM support writes on the preemption signal;
+    one is complete when every rank's file of it is there (see ``rank_path``).
+    """
+    if not resume:
+        return None
+    hpc = {re.sub(r"-rank\d+$", "", p.stem) for p in Path(out_dir).glob("hpc_ckpt_*.ckpt")}
+    candidates = [Path(checkpoint_dir(out_dir)) / "last.ckpt", *(Path(out_dir) / f"{s}.ckpt" for s in hpc)]
+    complete = [c for c in candidates if all(rank_path(c, r, world_size).is_file() for r in range(world_size))]
+    newest = max(complete, key=lambda c: rank_path(c, 0, world_size).stat().st_mtime, default=None)
+    return None if newest is None else str(newest)
+
+
+#: Lightning warnings that HDM triggers by design: the classifier stays in eval mode, Adam is set
+#: up when a level begins, and the masks of a manual step are checkpointed after the step.
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode.*",
+    r".*`configure_optimizers` returned `None`.*",
+    r".*ModelCheckpoint with manual optimization.*",
+)
 
 
 def main(args: list[str] | None = None) -> None:
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     if not (sys.argv[1:] if args is None else args):
-        print(f"No arguments: running the demo ({CONFIGS / 'fast.yaml'} + {CONFIGS / 'demo.yaml'})")
+        print(f"No arguments: running the demo ({CONFIGS / 'demo.yaml'})")
         args = DEMO_ARGS
     cli = HDMCLI(
         MaskExplainer,

@@ -41,6 +41,9 @@ BATCH_BUFFERS = (
 class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
+    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05), usable on
+    a CPU; ``configs/paper.yaml`` sets the reference constants.
+
     Args:
         classifier: the network to explain; None loads the packaged EfficientNet-Lite0.
         benchmark_sizes: sizes ``s0`` of the benchmark masks.
@@ -68,12 +71,12 @@ class MaskExplainer(LightningModule):
     def __init__(
         self,
         classifier: nn.Module | None = None,
-        benchmark_sizes: tuple[int, ...] = (6, 7, 8, 9, 10, 11),
-        block_factors: tuple[int, ...] = (2, 3, 5),
+        benchmark_sizes: tuple[int, ...] = (7, 10),
+        block_factors: tuple[int, ...] = (2, 3),
         max_size: int = 50,
         consistency_weight: float = 1e-2,
         sparsity_weight: float = 1.0,
-        lr: float = 1e-2,
+        lr: float = 5e-2,
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",

@@ -75,3 +75,21 @@ def test_help_lists_the_settings(capsys):
 def test_missing_input_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run(tmp_path / "nowhere", tmp_path / "run", "--trainer.logger=false")
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    import os
+
+    from hdm_lightning.cli import resume_path
+
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert resume_path(str(tmp_path), resume=True) == str(last)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning on SLURM's SIGUSR1
+    hpc.write_bytes(b"x")
+    os.utime(last, (1, 1))
+    assert resume_path(str(tmp_path), resume=True) == str(hpc)
+    assert resume_path(str(tmp_path), resume=False) is None
+    (tmp_path / "hpc_ckpt_2-rank0.ckpt").write_bytes(b"x")  # rank 1's file missing: incomplete
+    assert resume_path(str(tmp_path), resume=True, world_size=2) is None
