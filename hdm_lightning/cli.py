@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from hdm_lightning.callbacks import HDMSchedule, MapWriter
@@ -163,8 +164,17 @@ def main(args: list[str] | None = None) -> None:
     cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_validation=True)
     checkpoint = resume_path(out_dir, cli.config.resume, cli.trainer.world_size)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    finish_wandb(cli.trainer)
     if cli.trainer.is_global_zero:  # every rank has written its images before the ranks stop together
         report(RunFolder(out_dir), cli.datamodule)
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run, so that the process (or a later run in it) starts clean."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def report(run: RunFolder, datamodule: ExplanationDataModule) -> None:

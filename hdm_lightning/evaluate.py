@@ -269,7 +269,7 @@ def log_to_wandb(results: Results, columns: list[str], out_dir: Path, project: s
     """The table and the figures to an offline W&B run under ``out_dir``."""
     import wandb
 
-    run = wandb.init(project=project, dir=str(out_dir), mode="offline", job_type="evaluate")
+    run = wandb.init(project=project, dir=str(out_dir), mode="offline", job_type="evaluate", reinit="finish_previous")
     data = [[label, *(row[c] for c in columns[1:])] for label, row in results.rows.items()]
     pictures = {p.stem: wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}
     run.log({"results": wandb.Table(columns=columns, data=data), **pictures})
