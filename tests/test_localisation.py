@@ -6,30 +6,17 @@ its mass on the targets, far above their share of the image.
 """
 
 import numpy as np
-import pytest
-from PIL import Image
 
 from hdm_lightning.outputs import RunFolder
-from hdm_lightning.synthetic import cached_tiny_classifier, make_scenes
 from tests.helpers.run import build, maps
 
 SETTINGS = {"benchmark_sizes": (4, 6), "block_factors": (2,), "max_size": 24}
 
 
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory):
-    return cached_tiny_classifier(tmp_path_factory.mktemp("tiny"))
-
-
-def test_hdm_mass_lies_on_the_target_objects(classifier, tmp_path):
-    scenes = make_scenes(8, seed=7)
-    folder = tmp_path / "scenes"
-    folder.mkdir()
-    chosen = [i for i in range(8) if scenes.labels[i] == 1]
-    for i in chosen:
-        pixels = (scenes.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"scene{i}.png")
-    model, data, trainer = build(folder, tmp_path / "run", classifier=classifier, batch_size=4, module=SETTINGS)
+def test_hdm_mass_lies_on_the_target_objects(synthetic_classifier, synthetic_scenes, tmp_path):
+    folder, scenes, chosen = synthetic_scenes
+    model, data, trainer = build(folder, tmp_path / "run", classifier=synthetic_classifier, batch_size=4,
+                                 module=SETTINGS)
     trainer.fit(model, datamodule=data)
     result = maps(RunFolder(tmp_path / "run"))
     mass = np.array([result[f"scene{i}"][scenes.masks[i].numpy()].sum() / result[f"scene{i}"].sum() for i in chosen])
