@@ -50,7 +50,7 @@ BASELINES = {
 
 def classifier_args(data: Path) -> list[str]:
     return ["--model.classifier.class_path=hdm_lightning.models.ImportedClassifier",
-            "--model.classifier.init_args.class_path=hdm_lightning.synthetic.TinyClassifier",
+            "--model.classifier.init_args.network=hdm_lightning.synthetic.TinyClassifier",
             f"--model.classifier.init_args.checkpoint={data / 'tiny_classifier.pt'}"]
 
 

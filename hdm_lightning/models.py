@@ -101,11 +101,12 @@ class TorchvisionClassifier(Classifier):
 
 
 class ImportedClassifier(Classifier):
-    """Any ``nn.Module`` by import path, built with ``init_args`` and loaded from ``checkpoint``.
+    """Any ``nn.Module`` by import path, built with ``arguments`` and loaded from ``checkpoint``.
 
     Args:
-        class_path: ``package.module.ClassName``.
-        init_args: keyword arguments of its constructor.
+        network: import path of the class, ``package.module.ClassName`` (not ``class_path``,
+            which the configuration parser keeps for the loader itself).
+        arguments: keyword arguments of its constructor.
         checkpoint: a state-dict file (None keeps the constructor's weights).
         state_dict_key: entry of the file holding the state dict, if nested.
         strip_prefix: removed from every key (e.g. ``model.`` of a Lightning checkpoint).
@@ -114,20 +115,20 @@ class ImportedClassifier(Classifier):
 
     def __init__(
         self,
-        class_path: str,
-        init_args: dict[str, Any] | None = None,
+        network: str,
+        arguments: dict[str, Any] | None = None,
         checkpoint: str | None = None,
         state_dict_key: str | None = None,
         strip_prefix: str = "",
         classes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        module_name, _, class_name = class_path.rpartition(".")
+        module_name, _, class_name = network.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError, ValueError) as error:
-            raise ValueError(f"ImportedClassifier: cannot import class_path {class_path!r}: {error}") from error
-        self.net = cls(**(init_args or {}))
+            raise ValueError(f"ImportedClassifier: cannot import network {network!r}: {error}") from error
+        self.net = cls(**(arguments or {}))
         if checkpoint is not None:
             state = load_state_dict(checkpoint, state_dict_key)
             state = {k.removeprefix(strip_prefix): v for k, v in state.items()}

@@ -11,7 +11,7 @@ from tests.helpers.tiny import spot_images
 
 SMALL = [
     "--model.classifier.class_path=hdm_lightning.models.ImportedClassifier",
-    "--model.classifier.init_args.class_path=tests.helpers.tiny.SpotClassifier",
+    "--model.classifier.init_args.network=tests.helpers.tiny.SpotClassifier",
     "--model.benchmark_sizes=[3,4]", "--model.block_factors=[2]", "--model.max_size=8", "--model.lr=0.05",
     "--data.image_size=32", "--data.mean=[0.5,0.5,0.5]", "--data.std=[0.5,0.5,0.5]", "--data.batch_size=2",
     "--schedule.stages=2", "--schedule.min_steps=5", "--schedule.max_steps=10", "--schedule.check_every=5",
@@ -93,3 +93,20 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     assert resume_path(str(tmp_path), resume=False) is None
     (tmp_path / "hpc_ckpt_2-rank0.ckpt").write_bytes(b"x")  # rank 1's file missing: incomplete
     assert resume_path(str(tmp_path), resume=True, world_size=2) is None
+
+
+def test_imported_classifier_loads_its_checkpoint(tmp_path):
+    import torch
+
+    from hdm_lightning.models import ImportedClassifier
+    from tests.helpers.tiny import SpotClassifier
+
+    original = SpotClassifier()
+    with torch.no_grad():
+        original.conv.weight.fill_(0.25)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in original.state_dict().items()}}, tmp_path / "w.ckpt")
+    loaded = ImportedClassifier("tests.helpers.tiny.SpotClassifier", checkpoint=str(tmp_path / "w.ckpt"),
+                                state_dict_key="state_dict", strip_prefix="model.")
+    assert torch.equal(loaded.net.conv.weight, original.conv.weight)
+    with pytest.raises(ValueError, match="nowhere.Model"):
+        ImportedClassifier("nowhere.Model")

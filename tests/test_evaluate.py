@@ -23,7 +23,7 @@ from tests.helpers.region_model import DECOY, REGION, SIZE, region_slices, squar
 
 CLASSIFIER = {
     "class_path": "hdm_lightning.models.ImportedClassifier",
-    "init_args": {"class_path": "tests.helpers.region_model.RegionClassifier", "classes": ["other", "square"]},
+    "init_args": {"network": "tests.helpers.region_model.RegionClassifier", "classes": ["other", "square"]},
 }
 PERCENTS = (5.0, 10.0)
 AREA = 64  # pixels of the 8 × 8 square

@@ -16,7 +16,7 @@ from tests.helpers.region_model import DECOY, REGION, SIZE, RegionClassifier, re
 
 CLASSIFIER = {
     "class_path": "hdm_lightning.models.ImportedClassifier",
-    "init_args": {"class_path": "tests.helpers.region_model.RegionClassifier", "classes": ["other", "square"]},
+    "init_args": {"network": "tests.helpers.region_model.RegionClassifier", "classes": ["other", "square"]},
 }
 
 
