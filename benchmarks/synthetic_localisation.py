@@ -61,14 +61,17 @@ def run(command: list[str]) -> float:
 
 
 def positive_manifest(data: Path) -> Path:
-    """The class-1 scenes only (localisation needs an object), target 1."""
+    """The class-1 scenes only (localisation needs an object), target 1.
+
+    It lies beside the images, so an image's path relative to it is its mask's under ``masks/``.
+    """
     with (data / "manifest.csv").open() as handle:
         rows = [r for r in csv.DictReader(handle) if r["target"] == "1"]
-    path = data / "positives.csv"
+    path = data / "images" / "positives.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "target"])
         writer.writeheader()
-        writer.writerows({"image": r["image"], "target": 1} for r in rows)
+        writer.writerows({"image": Path(r["image"]).name, "target": 1} for r in rows)
     return path
 
 

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from typing_extensions import override
@@ -99,16 +100,13 @@ class HDMSchedule(Callback):
         self.patience, self.min_delta, self.check_every = patience, min_delta, check_every
         self.stop_probability = stop_probability
         self.batch: list[int] | None = None  # record indices being explained
-        self.failed: list[int] = []
+        self.failed: list[str] = []  # paths of unreadable images
+        self.names: list[str] = []  # names of the batch's images: a resume finds them by name
+        self.queue: list[int] | None = None  # this rank's records still to look at
         self.stage = self.level = self.step = self.batch_steps = 0
         self.seconds = 0.0
         self.best = self.since = self.kept = torch.empty(0)
         self.clock = time.perf_counter()
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, min_steps=self.min_steps, max_steps=self.max_steps)
 
     # ------------------------------------------------------------------------ hooks
     @override
@@ -116,6 +114,16 @@ class HDMSchedule(Callback):
         self.clock = time.perf_counter()
         self.best, self.since, self.kept = (t.to(pl_module.device) for t in (self.best, self.since, self.kept))
         pl_module.explaining, pl_module.idle = True, False
+        datamodule = trainer.datamodule
+        self.queue = [i for i in datamodule.shard(trainer.global_rank, trainer.world_size)
+                      if datamodule.records[i].path not in self.failed]
+        if self.batch is not None:  # resumed inside a batch: find its images again by name
+            index = {r.name: i for i, r in enumerate(datamodule.records)}
+            if all(name in index for name in self.names):
+                self.batch = [index[name] for name in self.names]
+            else:
+                rank_zero_warn(f"HDMSchedule: the inputs changed since the checkpoint; restarting batch {self.names}")
+                self.batch = None
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -139,6 +147,7 @@ class HDMSchedule(Callback):
         self.best, self.since = update_patience(self.best, self.since, pl_module.last_loss, self.min_delta, elapsed)
         converged = (self.step >= self.min_steps) & (self.since >= self.patience)
         pl_module.active &= ~converged
+        pl_module.live = None
         if self.step >= self.max_steps or not bool(pl_module.active.any()):  # one host sync per check
             self.next_level(trainer, pl_module)
 
@@ -161,20 +170,25 @@ class HDMSchedule(Callback):
         """Loads the next images of this rank that are not done; False when none is left."""
         datamodule = trainer.datamodule
         while True:
-            pending = [
-                i for i in datamodule.shard(trainer.global_rank, trainer.world_size)
-                if i not in self.failed and not self.run.is_done(datamodule.records[i].name)
-            ][: datamodule.batch_size]
+            pending = []
+            while self.queue and len(pending) < datamodule.batch_size:
+                index = self.queue.pop(0)
+                if not self.run.is_done(datamodule.records[index].name):
+                    pending.append(index)
             if not pending:
                 return False
             batch = datamodule.batch(pending)
             for index, error in batch["failed"]:
-                self.failed.append(index)
+                self.failed.append(datamodule.records[index].path)
                 self.run.record_failure(datamodule.records[index].path, error)
             if batch["indices"]:
                 break
         self.batch, self.batch_steps, self.seconds, self.clock = batch["indices"], 0, 0.0, time.perf_counter()
-        pl_module.begin_batch(batch["images"], batch["targets"])
+        self.names = [datamodule.records[i].name for i in self.batch]
+        try:
+            pl_module.begin_batch(batch["images"], batch["targets"])
+        except ValueError as error:  # a target the classifier does not have
+            raise ValueError(f"data.images {datamodule.images}: images {self.names}: {error}") from error
         self.begin_stage(trainer, pl_module, 0)
         return True
 
@@ -188,6 +202,7 @@ class HDMSchedule(Callback):
     def begin_level(self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: int) -> None:
         self.level, self.step = level, 0
         pl_module.begin_level(level)
+        pl_module.active &= self.kept[None]  # images the stopping rule stopped are not optimised
         self.best = torch.full(pl_module.active.shape, float("inf"), device=pl_module.device)
         self.since = torch.zeros(pl_module.active.shape, dtype=torch.long, device=pl_module.device)
         trainer.strategy.setup_optimizers(trainer)  # Adam for the new masks
@@ -219,7 +234,7 @@ class HDMSchedule(Callback):
                 "class_name": names[target] if names and target < len(names) else str(target),
                 "logit": float(pl_module.original_reference[n]),
                 "masked_logit": float(fused["masked_logit"][n]),
-                "stages": int(fused["stage_maps"].shape[1]),
+                "stages": int(fused["stages_run"][n]),
                 "steps": self.batch_steps,
                 "seconds": round(self.seconds / len(records), 3),
             }
@@ -233,7 +248,8 @@ class HDMSchedule(Callback):
         if not any(hasattr(logger, "log_image") for logger in trainer.loggers):
             return
         size = pl_module.stage_input.shape[-2:]
-        masks = [upsample(p[:1].detach(), size)[0].cpu().numpy() for p in pl_module.superimposed()]
+        chains = list(range(len(pl_module.masks)))
+        masks = [upsample(p[:1].detach(), size)[0].cpu().numpy() for p in pl_module.superimposed(chains)]
         captions = [f"chain {c}: {pl_module.chains[c].sizes[self.level]}" for c in pl_module.chain_ids]
         log_images(trainer, f"masks/stage{self.stage}/level{self.level}", masks, captions)
 
@@ -241,7 +257,7 @@ class HDMSchedule(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "batch": self.batch, "failed": self.failed, "stage": self.stage, "level": self.level,
+            "batch": self.batch, "names": self.names, "failed": self.failed, "stage": self.stage, "level": self.level,
             "step": self.step, "batch_steps": self.batch_steps,
             "seconds": self.seconds + time.perf_counter() - self.clock,
             "best": self.best.cpu(), "since": self.since.cpu(), "kept": self.kept.cpu(),
@@ -251,6 +267,7 @@ class HDMSchedule(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, value in state_dict.items():  # keys a newer version added keep their defaults
             setattr(self, key, value)
+        self.failed = [f for f in self.failed if isinstance(f, str)]
 
 
 class MapWriter(Callback):
@@ -279,8 +296,10 @@ class MapWriter(Callback):
             picture = load_image(explanation.path)
             self.run.write(explanation.name, picture, explanation.fused, explanation.stage_maps, explanation.row)
             self.written += 1
-            overlay_image = np.asarray(Image.open(self.run.root / "overlays" / f"{explanation.name}.png"))
-            log_images(trainer, "overlays", [overlay_image], [f"{explanation.name}: {explanation.row['class_name']}"])
+            if any(hasattr(logger, "log_image") for logger in trainer.loggers):
+                with Image.open(self.run.root / "overlays" / f"{explanation.name}.png") as overlay:
+                    caption = f"{explanation.name}: {explanation.row['class_name']}"
+                    log_images(trainer, "overlays", [np.asarray(overlay)], [caption])
 
     @override
     def state_dict(self) -> dict[str, Any]:

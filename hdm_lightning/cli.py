@@ -58,6 +58,7 @@ class HDMCLI(LightningCLI):
                 "checkpoint.every_n_train_steps": 100,
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 0,
+                "checkpoint.enable_version_counter": False,  # always last.ckpt, which a resume reads
                 "trainer.max_epochs": 1,
                 "trainer.log_every_n_steps": 10,
                 "trainer.enable_model_summary": False,
@@ -139,7 +140,7 @@ def resume_path(out_dir: str, resume: bool, world_size: int = 1) -> str | None:
 #: up when a level begins, and the masks of a manual step are checkpointed after the step.
 EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode.*",
-    r".*`configure_optimizers` returned `None`.*",
+    r".*configure_optimizers` returned `None`.*",
     r".*ModelCheckpoint with manual optimization.*",
 )
 

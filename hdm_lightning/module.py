@@ -108,41 +108,46 @@ class MaskExplainer(LightningModule):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
         self.masks = nn.ParameterList()
         self.stage, self.level, self.chain_ids = -1, -1, []
-        self.last_loss: Tensor | None = None
+        self.last_loss: Tensor | None = None  # (K, N) losses of the last step
+        self.live: list[int] | None = None  # chains with an active item; None: recompute
         self.explaining = True  # HDMSchedule clears it when no image is left on any rank
         self.idle = False  # HDMSchedule sets it when this rank is done but another one is not
         self.finished: list = []  # explanations the schedule finished, for MapWriter
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
 
     # ----------------------------------------------------------------- the optimisation step
-    def superimposed(self) -> list[Tensor]:
-        """``P_l`` of every chain at the current level, ``(N, s_l, s_l)`` each."""
+    def superimposed(self, chains: list[int]) -> list[Tensor]:
+        """``P_l`` of the level's chains ``chains`` (positions in ``chain_ids``), ``(N, s_l, s_l)`` each."""
         return [
-            M.superimpose(self.previous_mask(c) if self.level > 0 else None, a, self.chains[c].block)
-            for c, a in zip(self.chain_ids, self.masks)
+            M.superimpose(
+                self.previous_mask(self.chain_ids[i]) if self.level > 0 else None,
+                self.masks[i],
+                self.chains[self.chain_ids[i]].block,
+            )
+            for i in chains
         ]
 
-    def item_losses(self, chains: range) -> Tensor:
+    def item_losses(self, chains: list[int]) -> Tensor:
         """Loss of the (chain, image) items of the level's chains ``chains``, ``(k, N)``."""
-        masks = [self.masks[i] for i in chains]
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             size = self.stage_input.shape[-2:]
-            superimposed = self.superimposed()
-            kept = torch.stack([M.upsample(superimposed[i], size) for i in chains])  # (k, N, H, W)
+            kept = torch.stack([M.upsample(p, size) for p in self.superimposed(chains)])  # (k, N, H, W)
         k, n = kept.shape[:2]
-        masked = M.apply_mask(
-            self.stage_input.repeat(k, 1, 1, 1), kept.flatten(0, 1), self.substrate.repeat(k, 1, 1, 1)
-        )  # (k·N, C, H, W)
+        difference = (self.stage_input - self.substrate)[None]  # (1, N, C, H, W)
+        masked = (self.substrate[None] + difference * kept[:, :, None]).flatten(0, 1)  # (k·N, C, H, W)
         logit = self.target_logit(masked, self.targets.repeat(k)).view(k, n)
-        sparsity = torch.stack([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in masks])
+        sparsity = torch.stack([M.sparsity_loss(self.masks[i], self.hparams.sparsity_weight) for i in chains])
         return M.consistency_loss(logit, self.reference, self.hparams.consistency_weight) + sparsity
 
-    def chain_chunks(self) -> list[range]:
-        """Groups of the level's chains whose items fit in one classifier batch of ``chunk_size``."""
-        per_chunk = len(self.masks)
+    def chain_chunks(self) -> list[list[int]]:
+        """The level's chains that still have an active item, in groups whose items fit in one
+        classifier batch of ``chunk_size`` (at least one chain, i.e. ``N`` images, per group)."""
+        if self.live is None:  # refreshed after each convergence check: one host sync per check
+            self.live = [i for i, active in enumerate(self.active.any(dim=1).tolist()) if active]
+        per_chunk = len(self.live)
         if self.hparams.chunk_size is not None:
             per_chunk = max(1, self.hparams.chunk_size // self.stage_input.shape[0])
-        return [range(i, min(i + per_chunk, len(self.masks))) for i in range(0, len(self.masks), per_chunk)]
+        return [self.live[i : i + per_chunk] for i in range(0, len(self.live), per_chunk)]
 
     @override
     def setup(self, stage: str) -> None:
@@ -166,18 +171,18 @@ class MaskExplainer(LightningModule):
             optimiser.step()  # no gradient: nothing changes
             return None
         before = [a.detach().clone() for a in self.masks]
-        optimiser.zero_grad()
-        chunks = []
+        optimiser.zero_grad()  # chains without an active item get no gradient: Adam skips them
+        losses = self.last_loss.clone() if self.last_loss is not None else self.active.new_zeros(
+            self.active.shape, dtype=torch.float32)  # (K, N); converged items keep their last loss
         for chains in self.chain_chunks():  # gradients accumulate over chunks
-            losses = self.item_losses(chains)  # (k, N)
-            self.manual_backward(losses.sum())  # a sum: each item's gradient is its own
-            chunks.append(losses.detach())
+            chunk = self.item_losses(chains)  # (k, N)
+            self.manual_backward(chunk.sum())  # a sum: each item's gradient is its own
+            losses[chains] = chunk.detach()
         optimiser.step()
-        losses = torch.cat(chunks)  # (K, N)
         self.project(before)
-        self.last_loss = losses.detach()
+        self.last_loss = losses
         rank = f"rank{self.global_rank}/" if self.trainer.world_size > 1 else ""  # ranks explain different images
-        self.log(f"{rank}stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True, prog_bar=True)
+        self.log(f"{rank}stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True)
         return losses.sum()
 
     @torch.no_grad()
@@ -209,8 +214,11 @@ class MaskExplainer(LightningModule):
     def begin_batch(self, images: Tensor, targets: Tensor) -> None:
         """New images ``(N, C, H, W)``; targets of -1 become the model's top-1 class."""
         images = images.to(self.device)
-        top1 = self.classifier(images).argmax(dim=1)
+        logits = self.classifier(images)
         targets = targets.to(self.device)
+        if bool(((targets < -1) | (targets >= logits.shape[1])).any()):
+            raise ValueError(f"targets {targets.tolist()} outside [0, {logits.shape[1]}) (-1: top-1 class)")
+        top1 = logits.argmax(dim=1)
         self.set_buffer("images", images)
         self.set_buffer("original_targets", torch.where(targets < 0, top1, targets))
         self.set_buffer("original_reference", self.target_logit(images, self.original_targets))
@@ -241,12 +249,13 @@ class MaskExplainer(LightningModule):
             for s in (self.chains[c].sizes[level] for c in self.chain_ids)
         )
         self.set_buffer("active", torch.ones(len(self.chain_ids), n, dtype=torch.bool, device=self.device))
+        self.last_loss, self.live = None, None
 
     @torch.no_grad()
     def end_level(self) -> None:
         """Freeze ``P_l`` and add the level maps ``M_l`` to the stage sum."""
         size = self.stage_input.shape[-2:]
-        for c, a, p in zip(self.chain_ids, self.masks, self.superimposed()):
+        for c, a, p in zip(self.chain_ids, self.masks, self.superimposed(list(range(len(self.masks))))):
             sharing = [c] if self.level > 0 else self.sharing_benchmark(c)
             previous = self.previous_maps[c] if self.level > 0 else None
             level_map = M.level_map(a.detach(), previous, size)  # (N, H, W)
@@ -280,7 +289,9 @@ class MaskExplainer(LightningModule):
         fused = self.fusion(self.stage_maps, score, self.original_reference).detach()
         with torch.no_grad():
             masked_logit = score(fused)
-        return {"map": fused, "stage_maps": self.stage_maps.transpose(0, 1), "masked_logit": masked_logit}
+        stages_run = (self.stage_maps.flatten(2).amax(dim=2) > 0).sum(dim=0)  # (N,) stopped images: fewer
+        return {"map": fused, "stage_maps": self.stage_maps.transpose(0, 1), "masked_logit": masked_logit,
+                "stages_run": stages_run}
 
     # ---------------------------------------------------------------------- helpers
     def remaining_input(self) -> Tensor:

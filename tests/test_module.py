@@ -123,3 +123,23 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"lr": 0})
     with pytest.raises(ValueError, match="model.substrate"):
         build("unused", "unused", module={"substrate": "noise"})
+
+
+def test_stopping_rule_stops_an_image_whose_decision_is_gone(images, tmp_path):
+    import json
+
+    # with the square removed the model's class-1 probability is far below 0.9: stage 2 never runs
+    run = explain(images, tmp_path / "run", schedule={"stop_probability": 0.9})
+    rows = [json.loads(line) for line in (run.root / "index.jsonl").read_text().splitlines()]
+    assert [row["stages"] for row in rows] == [1, 1]
+    assert (run.root / "stages" / "spot0_stage1.npy").is_file()
+    assert not (run.root / "stages" / "spot0_stage2.npy").exists()  # every image stopped: no stage 2
+
+
+def test_target_outside_the_classifier_names_the_inputs(tmp_path):
+    (tmp_path / "images").mkdir()
+    spot_images(tmp_path / "images", count=1)
+    (tmp_path / "list.csv").write_text("image,target\nimages/spot0.png,7\n")
+    model, data, trainer = build(tmp_path / "list.csv", tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data.images .*list.csv: images \['spot0'\]: targets \[7\] outside \[0, 2\)"):
+        trainer.fit(model, datamodule=data)
