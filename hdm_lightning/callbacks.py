@@ -164,7 +164,19 @@ class HDMSchedule(Callback):
             return done
         if trainer.global_step % self.check_every:
             return False
+        self.log_every_rank(trainer, trainer.lightning_module)
         return trainer.strategy.reduce_boolean_decision(done, all=True)
+
+    @staticmethod
+    def log_every_rank(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Each rank's mean item loss, gathered to rank 0 (loggers write from rank 0 only)."""
+        busy = pl_module.last_loss is not None and not pl_module.idle
+        loss = pl_module.last_loss.mean() if busy else torch.tensor(float("nan"), device=pl_module.device)
+        losses = trainer.strategy.all_gather(loss)  # (world,)
+        if trainer.is_global_zero:
+            metrics = {f"rank{r}/loss": value for r, value in enumerate(losses.tolist()) if value == value}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def start_next_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Loads the next images of this rank that are not done; False when none is left."""
@@ -279,6 +291,7 @@ class MapWriter(Callback):
     def __init__(self, out_dir: str = "runs/hdm") -> None:
         self.run = RunFolder(out_dir)
         self.written = 0
+        self.logged: set[str] = set()  # overlays this rank sent to the loggers
 
     @override
     def on_train_batch_end(
@@ -289,6 +302,10 @@ class MapWriter(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
+        if trainer.world_size > 1 and trainer.is_global_zero:  # the other ranks' images, from the run folder
+            for name, row in self.run.read_index().items():
+                if name not in self.logged:
+                    self.log_overlay(trainer, name, row)
 
     def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         while pl_module.finished:
@@ -296,10 +313,13 @@ class MapWriter(Callback):
             picture = load_image(explanation.path)
             self.run.write(explanation.name, picture, explanation.fused, explanation.stage_maps, explanation.row)
             self.written += 1
-            if any(hasattr(logger, "log_image") for logger in trainer.loggers):
-                with Image.open(self.run.root / "overlays" / f"{explanation.name}.png") as overlay:
-                    caption = f"{explanation.name}: {explanation.row['class_name']}"
-                    log_images(trainer, "overlays", [np.asarray(overlay)], [caption])
+            self.log_overlay(trainer, explanation.name, explanation.row)
+
+    def log_overlay(self, trainer: pl.Trainer, name: str, row: dict) -> None:
+        self.logged.add(name)
+        if any(hasattr(logger, "log_image") for logger in trainer.loggers):
+            with Image.open(self.run.root / "overlays" / f"{name}.png") as overlay:
+                log_images(trainer, "overlays", [np.asarray(overlay)], [f"{name}: {row['class_name']}"])
 
     @override
     def state_dict(self) -> dict[str, Any]:

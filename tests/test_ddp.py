@@ -93,13 +93,16 @@ def written_by_rank(run: Path) -> list[int]:
 @pytest.mark.slow
 def test_two_processes_give_the_maps_of_one(images, one_process, tmp_path):
     out = tmp_path / "two"
-    done = two_processes(images, out, "--trainer.strategy=ddp", "--checkpoint.every_n_train_steps=5")
+    done = two_processes(images, out, "--trainer.strategy=ddp", "--checkpoint.every_n_train_steps=5",
+                         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "using 'ddp_independent'" in done.stderr  # plain DDP is replaced, with a note
     assert_same_maps(out, one_process)
     assert index_names(out) == list(NAMES)  # each image once: no padding duplicate
     assert written_by_rank(out) == [2, 1]  # rank 0: spot0 and spot2, rank 1: spot1
     assert not (out / "checkpoints" / "last.ckpt").exists()
+    (metrics,) = out.glob("lightning_logs/version_*/metrics.csv")
+    assert {"rank0/loss", "rank1/loss"} <= set(metrics.read_text().splitlines()[0].split(","))  # gathered to rank 0
 
 
 @pytest.mark.slow
