@@ -110,3 +110,13 @@ def test_imported_classifier_loads_its_checkpoint(tmp_path):
     assert torch.equal(loaded.net.conv.weight, original.conv.weight)
     with pytest.raises(ValueError, match="nowhere.Model"):
         ImportedClassifier("nowhere.Model")
+
+
+@pytest.mark.parametrize("preset", ["paper", "fast", "mdm", "demo", "cluster"])
+def test_every_preset_parses(preset, capsys):
+    from hdm_lightning.cli import CONFIGS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
+    assert stop.value.code in (0, None)
+    assert "schedule:" in capsys.readouterr().out
