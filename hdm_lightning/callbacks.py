@@ -93,6 +93,8 @@ class HDMSchedule(Callback):
                 raise ValueError(f"schedule.{name} must be >= 1, got {value}")
         if not 0 <= min_steps <= max_steps:
             raise ValueError(f"schedule.min_steps must be in [0, max_steps={max_steps}], got {min_steps}")
+        if patience < 0 or not 0 <= min_delta < 1:
+            raise ValueError(f"schedule.patience must be >= 0 and min_delta in [0, 1), got {patience}, {min_delta}")
         if stop_probability is not None and not 0 < stop_probability < 1:
             raise ValueError(f"schedule.stop_probability must be in (0, 1) or null, got {stop_probability}")
         self.run = RunFolder(out_dir)

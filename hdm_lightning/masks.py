@@ -47,7 +47,7 @@ def build_chains(benchmark_sizes: list[int], block_factors: list[int], max_size:
         [(6,), (56,)]
     """
     if any(b < 2 for b in block_factors):
-        raise ValueError(f"block_factors must all be >= 2, got {block_factors}")
+        raise ValueError(f"model.block_factors must all be >= 2, got {block_factors}")
     if not block_factors:
         return [Chain(block=1, sizes=(s0,)) for s0 in benchmark_sizes]
     chains = []

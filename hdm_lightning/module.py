@@ -92,6 +92,11 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        for name, value in (("consistency_weight", consistency_weight), ("sparsity_weight", sparsity_weight)):
+            if value < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value}")
+        if blur_sigma <= 0:
+            raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"model.chunk_size must be >= 1 or null, got {chunk_size}")
         if substrate not in ("mean", "blur"):
@@ -157,6 +162,10 @@ class MaskExplainer(LightningModule):
             raise ValueError(
                 f"trainer.strategy {type(strategy).__name__} would average gradients across ranks and mix "
                 f"different images' masks; use trainer.strategy={STRATEGY_NAME!r} to run several processes"
+            )
+        if self.trainer.world_size > 1 and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(  # a rank with no image left takes gradient-free steps, which GradScaler refuses
+                "trainer.precision=16-mixed cannot run on several ranks; use bf16-mixed or 32-true"
             )
 
     @override

@@ -123,6 +123,10 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"lr": 0})
     with pytest.raises(ValueError, match="model.substrate"):
         build("unused", "unused", module={"substrate": "noise"})
+    with pytest.raises(ValueError, match="model.sparsity_weight"):
+        build("unused", "unused", module={"sparsity_weight": -1})
+    with pytest.raises(ValueError, match="schedule.patience"):
+        build("unused", "unused", schedule={"min_delta": 1.5})
 
 
 def test_stopping_rule_stops_an_image_whose_decision_is_gone(images, tmp_path):
