@@ -181,8 +181,8 @@ def finish_wandb(trainer) -> None:
 def report(run: RunFolder, datamodule: ExplanationDataModule) -> None:
     done = run.read_index()
     print(f"\nExplained {len(done)} of {len(datamodule.records)} images. Outputs in {run.root.resolve()}:")
-    print(f"  maps/      fused maps (.npy, original resolution)\n  stages/    stage maps\n"
-          f"  overlays/  PNG overlays\n  index.jsonl one row per image")
+    print("  maps/      fused maps (.npy, original resolution)\n  stages/    stage maps\n"
+          "  overlays/  PNG overlays\n  index.jsonl one row per image")
     for row in list(done.values())[:10]:
         print(f"  {row['name']}: {row['class_name']} (logit {row['logit']:.2f}, kept by the map "
               f"{row['masked_logit']:.2f}), {row['steps']} steps, {row['seconds']:.1f} s")

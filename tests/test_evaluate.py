@@ -29,14 +29,6 @@ PERCENTS = (5.0, 10.0)
 AREA = 64  # pixels of the 8 × 8 square
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 busy cores, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def square_map(square) -> np.ndarray:
     saliency = np.zeros((SIZE, SIZE), dtype=np.float32)

@@ -20,14 +20,6 @@ CLASSIFIER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 busy cores, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def images(tmp_path):

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from hdm_lightning import masks as M
 from hdm_lightning.fusion import LearnedFusion, SumFusion

@@ -17,14 +17,6 @@ from hdm_lightning.baselines.extremal import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 busy cores, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def brute_force_max_conv(params: Tensor, stride: int, sigma: float, size: tuple[int, int]) -> Tensor:
     """``max_v g(u − v) m̄(v)`` over every grid point ``v`` at pixel ``v·stride``."""

@@ -37,14 +37,6 @@ FAST_METHODS = [
 IDS = [type(m).__name__ for m in FAST_METHODS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 busy cores, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class RegionWeight(nn.Module):
     """Multiplies the input by a fixed map: 1 inside ``REGION``, 0 elsewhere."""

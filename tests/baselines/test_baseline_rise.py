@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from hdm_lightning.baselines import RISE
 from hdm_lightning.baselines.rise import render_masks, rise_grids
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 busy cores, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def classifier() -> nn.Module:
