@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from hdm_lightning.masks import consistency_loss, minmax, sum_maps
+from hdm_lightning.masks import EPS, consistency_loss, minmax, sum_maps
 
 #: ``score(mask)`` maps ``(N, H, W)`` masks to the target logits ``(N,)`` of the masked images.
 Score = Callable[[Tensor], Tensor]
@@ -45,6 +45,42 @@ class SumFusion(Fusion):
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
         return sum_maps(stage_maps)
+
+
+class EvidenceFusion(Fusion):
+    """Each stage weighted by the evidence for the class that its regions hold.
+
+    ``w_t = clamp((f_c(x ⊙ K_t) − f_c(x ⊙ K_t ⊙ (1 − S_t))) / (f_c(x) − f_c(x_0)), 0, 1)`` with
+    ``K_t = 1 − C_{t−1}`` what earlier stages left (``K_1 = 1``) and ``x_0`` the substrate alone: the
+    share of the class's evidence that removing the stage's regions takes away. A stage that runs
+    once the evidence is gone still min-max normalises its map to full range; its weight is then
+    near 0 instead of ``1/T`` (issue 7, "stage pollution"). ``F = minmax(Σ_t w_t minmax(S_t))``; an
+    image whose weights are all 0 falls back to equal weights. Costs ``2T + 1`` classifier passes.
+
+    Example:
+        >>> maps = torch.tensor([[[[1., 0.]]], [[[0., 1.]]]])  # (T=2, N=1, 1, 2): stage 2 finds pixel 2
+        >>> score = lambda kept: 10 * kept[:, 0, 0]  # only pixel 1 holds evidence
+        >>> EvidenceFusion()(maps, score, torch.tensor([10.]))
+        tensor([[[1., 0.]]])
+    """
+
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+        stages = torch.stack([minmax(s) for s in stage_maps])  # (T, N, H, W)
+        weights = self.weights(stages, score, reference)  # (T, N)
+        weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
+        return minmax((weights[:, :, None, None] * stages).sum(dim=0))
+
+    @staticmethod
+    @torch.no_grad()
+    def weights(stages: Tensor, score: Score, reference: Tensor) -> Tensor:
+        """``(T, N, H, W)`` normalised stage maps -> ``(T, N)`` weights ``w_t``."""
+        evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
+        weights = []
+        for t in range(len(stages)):
+            left = 1 - sum_maps(stages[:t]) if t else torch.ones_like(stages[0])  # K_t, (N, H, W)
+            drop = score(left) - score(left * (1 - stages[t]))
+            weights.append((drop / evidence).clamp(0, 1))
+        return torch.stack(weights)
 
 
 class LearnedFusion(Fusion):
@@ -82,7 +118,7 @@ class LearnedFusion(Fusion):
                 optimiser.zero_grad()
                 loss.sum().backward()  # a sum keeps each image's gradient its own
                 optimiser.step()
-        return minmax(self.combine(stages, theta.detach()))
+        return self.combine(stages, theta.detach())  # not re-normalised: the scale is what λ_1 learns
 
     @staticmethod
     def combine(stages: Tensor, theta: Tensor) -> Tensor:

@@ -137,6 +137,28 @@ def consistency_loss(masked_logit: Tensor, reference_logit: Tensor, weight: floa
     return weight * (masked_logit.float() - reference_logit.float()) ** 2
 
 
+def evidence_loss(
+    masked_logit: Tensor, reference_logit: Tensor, floor_logit: Tensor, weight: float, min_evidence: float
+) -> Tensor:
+    """One-sided consistency relative to the class's evidence, one value per item ``(N,)``::
+
+        λ_e (max(0, f_c(x) − f_c(x ⊙ Up(P))) / max(f_c(x) − f_c(x_0), ε))²
+
+    ``x_0`` is the stage input with everything removed (the substrate alone), so the denominator
+    is the evidence the image holds for ``c``. A rise of the logit is not punished (in a scene of
+    several objects, keeping only the class's object raises its logit), and the term has the same
+    scale for a weak class as for the top class: losing all the evidence costs ``λ_e``.
+    ``ε = min_evidence`` keeps the term finite for a class the image holds no evidence for.
+
+    Example:
+        >>> evidence_loss(torch.tensor([4., 12.]), torch.tensor([10., 10.]), torch.tensor([2., 2.]), 1.0, 0.5)
+        tensor([0.5625, 0.0000])
+    """
+    evidence = (reference_logit.float() - floor_logit.float()).clamp_min(min_evidence)
+    drop = (reference_logit.float() - masked_logit.float()).clamp_min(0)
+    return weight * (drop / evidence) ** 2
+
+
 def sparsity_loss(mask: Tensor, weight: float) -> Tensor:
     """Mask value constraint ``λ_1 mean|a_l|`` of the trainable level only, per item ``(N,)``."""
     return weight * mask.abs().flatten(1).mean(dim=1)

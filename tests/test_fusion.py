@@ -1,0 +1,67 @@
+"""Fusion of stage maps: which stages count, on a classifier whose evidence is known."""
+
+import pytest
+import torch
+
+from hdm_lightning.fusion import EvidenceFusion, LearnedFusion, SumFusion
+from tests.helpers.region_model import REGION, RegionClassifier, region_slices
+
+SPOT = region_slices(REGION)  # the class-1 logit rests on this square only
+CORNER = (slice(None), slice(26, 32), slice(0, 6))
+
+
+def scorer():
+    """``score(kept)``: the class-1 logit of a bright square on ``SPOT`` over dim noise, kept by ``kept``."""
+    classifier = RegionClassifier().eval()
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.2
+    image[(slice(None), slice(None), *SPOT)] = 0.9
+
+    def score(kept):
+        return classifier(image * kept.unsqueeze(1))[:, 1]
+
+    return score
+
+
+def spot_scene():
+    """Stage 1 found the deciding square, stage 2 (run once the evidence was gone) a corner."""
+    stages = torch.zeros(2, 1, 32, 32)
+    stages[0][(slice(None), *SPOT)] = 1.0
+    stages[1][CORNER] = 1.0
+    score = scorer()
+    return stages, score, score(torch.ones(1, 32, 32))
+
+
+def test_evidence_fusion_gives_a_stage_without_evidence_no_weight():
+    stages, score, reference = spot_scene()
+    weights = EvidenceFusion.weights(stages, score, reference)
+    assert weights[0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert weights[1, 0] == pytest.approx(0.0, abs=1e-4)
+    fused = EvidenceFusion()(stages, score, reference)
+    assert fused[CORNER].max() == pytest.approx(0.0, abs=1e-4)
+    assert fused[(slice(None), *SPOT)].mean() == pytest.approx(1.0)
+    assert SumFusion()(stages, score, reference)[CORNER].mean() == pytest.approx(1.0)  # the pollution it fixes
+
+
+def test_evidence_fusion_weights_stages_by_the_evidence_they_remove():
+    # Two stages, each finding one half of the deciding square: each removes half the evidence.
+    stages = torch.zeros(2, 1, 32, 32)
+    rows, cols = SPOT
+    middle = (rows.start + rows.stop) // 2
+    stages[0][:, rows.start:middle, cols] = 1.0
+    stages[1][:, middle:rows.stop, cols] = 1.0
+    score = scorer()
+    weights = EvidenceFusion.weights(stages, score, score(torch.ones(1, 32, 32)))
+    assert weights[:, 0].tolist() == pytest.approx([0.5, 0.5], abs=1e-4)
+
+
+def test_evidence_fusion_falls_back_to_equal_weights_without_evidence():
+    stages = torch.rand(3, 2, 8, 8)
+    fused = EvidenceFusion()(stages, lambda kept: torch.zeros(kept.shape[0]), torch.zeros(2))
+    assert torch.allclose(fused, SumFusion()(stages, None, None))
+
+
+def test_learned_fusion_scale_follows_the_sparsity_term():
+    stages, score, reference = spot_scene()
+    light = LearnedFusion(steps=200, sparsity_weight=0.01)(stages, score, reference)
+    heavy = LearnedFusion(steps=200, sparsity_weight=1.0)(stages, score, reference)
+    assert light[(slice(None), *SPOT)].mean() > heavy[(slice(None), *SPOT)].mean() + 0.05
