@@ -196,8 +196,8 @@ def channels(pixels: np.ndarray, count: int) -> np.ndarray:
     Example:
         >>> channels(np.ones((1, 1, 1), dtype=np.float32), 3).shape
         (1, 1, 3)
-        >>> channels(np.array([[[1.0, 0.0, 0.0]]], dtype=np.float32), 1).round(3).tolist()
-        [[[0.299]]]
+        >>> round(float(channels(np.array([[[1.0, 0.0, 0.0]]], dtype=np.float32), 1)[0, 0, 0]), 3)
+        0.299
     """
     if pixels.shape[-1] == count:
         return pixels
