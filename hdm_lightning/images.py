@@ -140,7 +140,9 @@ def decode_pillow(path: str, data: bytes, decoding: Decoding) -> np.ndarray:
             return pillow_pixels(upright, decoding)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(f"cannot read image {path}: {error}; set data.allow_large_images=true to read it") from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except UnidentifiedImageError as error:
+        raise ValueError(f"cannot read image {path}: not a picture format Pillow knows (nor DICOM)") from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
