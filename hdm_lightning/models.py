@@ -26,6 +26,27 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def output_classes(classifier: nn.Module, channels: int, size: int) -> int:
+    """How many classes ``classifier`` scores: one forward pass of a blank ``(1, channels, size,
+    size)`` input. Raises ``ValueError`` naming the input when the network does not take it.
+
+    Example:
+        >>> output_classes(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)), 3, 8)
+        5
+    """
+    parameter = next(iter(classifier.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            logits = classifier(torch.zeros(1, channels, size, size, device=device))
+    except RuntimeError as error:
+        raise ValueError(f"model.classifier does not take a (1, {channels}, {size}, {size}) input (data.mean has "
+                         f"{channels} values, data.image_size={size}): {error}") from error
+    if logits.ndim != 2:
+        raise ValueError(f"model.classifier returns shape {tuple(logits.shape)}; expected (batch, classes)")
+    return int(logits.shape[1])
+
+
 def imagenet_categories() -> list[str]:
     """The 1000 ImageNet class names that ship with torchvision (no download)."""
     from torchvision.models import ResNet50_Weights

@@ -62,12 +62,12 @@ def run_decoding(root: Path) -> Decoding:
 
 
 def read_failures(root: Path) -> list[dict]:
-    """``failed.jsonl`` rows, one per image (a resumed run's repeat keeps the latest reason)."""
+    """``failed.jsonl`` rows, once each (a rerun that records the same failure again adds nothing)."""
     path = root / "failed.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return list({row["image"]: row for row in rows}.values())
+    return list({(row["image"], row["error"]): row for row in rows}.values())
 
 
 def stage_maps(run: RunFolder, name: str) -> list[np.ndarray]:
@@ -211,6 +211,18 @@ def log_wandb(run_dir: Path, project: str) -> None:
 
 
 # ------------------------------------------------------------------------------ command
+def failure_summary(run_dir: str | Path, total: int) -> str:
+    """The end-of-run line: images explained of ``total``, how many failed and where to read why."""
+    run = RunFolder(run_dir)
+    index = run.read_index()
+    explained = {row["image"] for row in index.values()}
+    failed = [f for f in read_failures(run.root) if f["image"] not in explained]
+    line = f"Explained {len(index)} of {total} images"
+    if failed:
+        line += f"; {len(failed)} failed, reasons in {run.root.resolve() / 'failed.jsonl'}"
+    return line + f". Report: python -m hdm_lightning.report --run {run.root}"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Figures and ``report.html`` of a run folder; returns the page's path."""
     run = RunFolder(run_dir)
