@@ -33,3 +33,23 @@ def test_bad_rows_are_recorded_before_the_first_step_and_the_run_goes_on(tmp_pat
     assert "target -5" in reasons[f"{manifest}, line 6"]
     assert any("broken.png" in why for why in reasons.values())
     assert any("huge.png" in why and "data.allow_large_images" in why for why in reasons.values())
+
+
+def test_a_phone_photo_is_explained_upright_at_its_displayed_size(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)  # stored 48 wide; EXIF 6 shows it 48 tall
+    stored[2:10, 30:44] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif, quality=95)
+    out = tmp_path / "run"
+    main([f"--data.images={folder}", f"--out_dir={out}", *SMALL, "--trainer.logger=false", "--schedule.stages=1"])
+    assert np.load(out / "maps" / "phone.npy").shape == (48, 32)
+    with Image.open(out / "overlays" / "phone.png") as overlay:
+        assert overlay.size == (32, 48)
+        upright = np.asarray(overlay.convert("L"), dtype=np.float32)
+    rotated = np.rot90(stored.mean(axis=2), k=-1)  # where the bright patch is once upright
+    assert upright[rotated > 128].mean() > upright[rotated < 128].mean() + 20  # the picture under the map is upright
