@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+import torch  # noqa: F401 (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
