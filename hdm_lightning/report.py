@@ -120,19 +120,23 @@ def figure_png(picture: Image.Image | None, maps: list[np.ndarray], fused: np.nd
     return buffer.getvalue()
 
 
+def write_figure(run: RunFolder, row: dict, decoding: Decoding = Decoding()) -> Entry:
+    """``figures/<name>.png`` of one finished image (the engine may call it as images finish and
+    log the file); a picture that cannot be read any more leaves the maps alone on the figure."""
+    problem, picture = None, None
+    try:
+        picture = load_image(row["image"], decoding)
+    except ValueError as error:
+        problem = str(error)
+    name = row["name"]
+    path = run.root / "figures" / f"{name}.png"
+    atomic_write_bytes(path, figure_png(picture, stage_maps(run, name), run.load_map(name), title(row)))
+    return Entry(row, path, problem)
+
+
 def write_figures(run: RunFolder, decoding: Decoding) -> list[Entry]:
     """``figures/<name>.png`` for every finished image of the run."""
-    entries = []
-    for name, row in run.read_index().items():
-        problem, picture = None, None
-        try:
-            picture = load_image(row["image"], decoding)
-        except ValueError as error:  # the map is still shown, without the picture under it
-            problem = str(error)
-        path = run.root / "figures" / f"{name}.png"
-        atomic_write_bytes(path, figure_png(picture, stage_maps(run, name), run.load_map(name), title(row)))
-        entries.append(Entry(row, path, problem))
-    return entries
+    return [write_figure(run, row, decoding) for row in run.read_index().values()]
 
 
 # --------------------------------------------------------------------------------- HTML
