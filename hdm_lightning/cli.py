@@ -22,8 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from hdm_lightning.callbacks import HDMSchedule, MapWriter
 from hdm_lightning.data import ExplanationDataModule
+from hdm_lightning.models import output_classes
 from hdm_lightning.module import MaskExplainer
 from hdm_lightning.outputs import RunFolder
+from hdm_lightning.report import failure_summary
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy, rank_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -163,11 +165,23 @@ def main(args: list[str] | None = None) -> None:
     out_dir = cli.config.out_dir
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_validation=True)
+    rejected = reject_bad_inputs(cli.datamodule, cli.model.classifier, RunFolder(out_dir), cli.trainer.is_global_zero)
     checkpoint = resume_path(out_dir, cli.config.resume, cli.trainer.world_size)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
     finish_wandb(cli.trainer)
     if cli.trainer.is_global_zero:  # every rank has written its images before the ranks stop together
-        report(RunFolder(out_dir), cli.datamodule)
+        report(RunFolder(out_dir), cli.datamodule, len(cli.datamodule.records) + rejected)
+
+
+def reject_bad_inputs(datamodule: ExplanationDataModule, classifier, run: RunFolder, write: bool) -> int:
+    """Checks every input before the first step (issue 9): bad targets, missing or unreadable
+    files go to ``failed.jsonl`` (written by rank 0) and the rest run. Returns how many failed."""
+    datamodule.setup()
+    failed = datamodule.validate(output_classes(classifier, len(datamodule.mean), datamodule.image_size))
+    if write:
+        for record, reason in failed:
+            run.record_failure(record.path, reason)
+    return len(failed)
 
 
 def finish_wandb(trainer) -> None:
@@ -178,9 +192,9 @@ def finish_wandb(trainer) -> None:
         wandb.finish()
 
 
-def report(run: RunFolder, datamodule: ExplanationDataModule) -> None:
+def report(run: RunFolder, datamodule: ExplanationDataModule, total: int) -> None:
     done = run.read_index()
-    print(f"\nExplained {len(done)} of {len(datamodule.records)} images. Outputs in {run.root.resolve()}:")
+    print(f"\n{failure_summary(run.root, total)}\nOutputs in {run.root.resolve()}:")
     print("  maps/      fused maps (.npy, original resolution)\n  stages/    stage maps\n"
           "  overlays/  PNG overlays\n  index.jsonl one row per image")
     for row in list(done.values())[:10]:

@@ -1,161 +1,160 @@
-"""Inputs: folders, image lists and manifests, stable output names, and the DataModule.
+"""Images for the engine: reading and preprocessing them, checking them, and the DataModule.
 
 Training data of a mask optimisation are its steps, not images: the train dataloader yields one
-tick per optimisation step, and :class:`~hdm_lightning.callbacks.HDMSchedule` takes the images of
-each batch from :meth:`ExplanationDataModule.batch` when it starts explaining them. That keeps the
-image order a pure function of the inputs, so a resumed run finds the same batch again.
+tick per optimisation step, and the engine takes the images of each batch from
+:meth:`ExplanationDataModule.batch` when it starts explaining them. That keeps the image order a
+pure function of the inputs, so a resumed run finds the same batch again.
+
+Lists, manifests and output names are :mod:`hdm_lightning.inputs`; decoding is
+:mod:`hdm_lightning.images`; where a picture lies in the classifier input is
+:mod:`hdm_lightning.geometry`. Every bad row (a target that is no class of the classifier, a file
+that is missing or whose header cannot be read) is returned by :func:`validate_records` with its
+reason before the first step, so the engine records it in ``failed.jsonl`` and explains the rest.
 """
 
 from __future__ import annotations
 
-import csv
+import io
 import itertools
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from hdm_lightning.geometry import Frame, Resize, frame, map_to_original, to_model
+from hdm_lightning.images import Decoding, channels, content_hash, decode, is_dicom, pixel_limit, to_display
+from hdm_lightning.inputs import (  # noqa: F401 (re-exported: the inputs' API lives here for callers)
+    BUILTIN_PHOTOS,
+    IMAGE_SUFFIXES,
+    PHOTO_SOURCES,
+    ImageRecord,
+    read_inputs,
+    read_manifest,
+    stable_names,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Real photos that ship inside installed packages: the demo needs no download.
-BUILTIN_PHOTOS = ("skimage:chelsea", "skimage:coffee", "matplotlib:grace_hopper.jpg")
-PHOTO_SOURCES = ("skimage", "matplotlib", "sklearn")
 
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One input image: where it is, its output name and an optional target class."""
-
-    path: str
-    name: str
-    target: int | None = None
-
-
-def read_inputs(images: str) -> list[ImageRecord]:
-    """Records from ``builtin``, a folder, a ``.txt`` list, or a ``.csv``/``.json``/``.jsonl`` manifest.
-
-    Manifests have a column/key ``image`` (or ``path``) and optionally ``target``; relative paths
-    are relative to the list file.
-    """
-    if images == "builtin":
-        return with_names([(p, None) for p in BUILTIN_PHOTOS])
-    path = Path(images)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"data.images: no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        return with_names([(str(p), None) for p in files], root=path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.images: {path} is neither a folder nor a file")
-    rows = read_manifest(path)
-    if not rows:
-        raise ValueError(f"data.images: {path} lists no images")
-    resolved = [(resolve(path.parent, image), target) for image, target in rows]
-    return with_names(resolved, root=path.parent)
-
-
-def read_manifest(path: Path) -> list[tuple[str, int | None]]:
-    """``(image, target)`` rows of a ``.txt``, ``.csv``, ``.json`` or ``.jsonl`` file."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        return [(line, None) for line in lines if line and not line.startswith("#")]
-    if suffix == ".csv":
-        with path.open(newline="") as handle:
-            entries = list(csv.DictReader(handle))
-    elif suffix == ".json":
-        entries = json.loads(path.read_text())
-    elif suffix == ".jsonl":
-        entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        raise ValueError(f"data.images: {path} has suffix {suffix!r}; expected a folder, .txt, .csv, .json or .jsonl")
-    return [manifest_row(path, i, entry) for i, entry in enumerate(entries, start=1)]
-
-
-def manifest_row(path: Path, row: int, entry: dict) -> tuple[str, int | None]:
-    image = entry.get("image") or entry.get("path")
-    if not image:
-        raise ValueError(f"{path}, entry {row}: needs an 'image' (or 'path') field, got {sorted(entry)}")
-    target = entry.get("target")
-    if target in (None, ""):
-        return str(image), None
-    try:
-        return str(image), int(target)
-    except ValueError as error:
-        raise ValueError(f"{path}, entry {row}: target {target!r} is not a class index") from error
-
-
-def resolve(root: Path, image: str) -> str:
-    """``image`` relative to ``root``; absolute paths and package photos (``skimage:NAME``) as they are."""
-    if Path(image).is_absolute() or image.split(":")[0] in PHOTO_SOURCES:
-        return image
-    return str(root / image)
-
-
-def with_names(rows: list[tuple[str, int | None]], root: Path | None = None) -> list[ImageRecord]:
-    names = stable_names([p for p, _ in rows], root)
-    return [ImageRecord(path=p, name=n, target=t) for (p, t), n in zip(rows, names)]
-
-
-def stable_names(paths: list[str], root: Path | None = None) -> list[str]:
-    """Output names: the file stem where unique, else the path under ``root`` joined by ``__``.
-
-    Example:
-        >>> stable_names(["a/cat.png", "b/dog.png", "c/dog.png"], root=Path("."))
-        ['cat', 'b__dog', 'c__dog']
-    """
-    stems = [Path(p.split(":")[-1]).stem for p in paths]
-    counts = {s: stems.count(s) for s in stems}
-    names = []
-    for path, stem in zip(paths, stems):
-        if counts[stem] == 1:
-            names.append(stem)
-            continue
-        relative = Path(path).relative_to(root) if root is not None and Path(path).is_relative_to(root) else Path(path)
-        names.append("__".join(relative.with_suffix("").parts).replace(":", "_"))
-    if len(set(names)) != len(names):
-        raise ValueError("data.images: two inputs map to the same output name; give them distinct paths")
-    return names
-
-
-def load_image(path: str) -> Image.Image:
-    """An RGB image from a file, or from a package: ``skimage:NAME``, ``matplotlib:FILE``, ``sklearn:FILE``."""
+# ------------------------------------------------------------------------------ reading
+def package_photo(path: str) -> bytes:
+    """The file bytes of a photo shipped by a package: ``skimage:NAME``, ``matplotlib:FILE``, ``sklearn:FILE``."""
     source, _, name = path.partition(":")
-    if source == "skimage" and name:
+    if source == "skimage":
         import skimage.data
 
-        return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-    if source == "matplotlib" and name:
+        shipped = [f for f in Path(skimage.data.__file__).parent.glob(f"{name}.*") if f.suffix in IMAGE_SUFFIXES]
+        if shipped:
+            return shipped[0].read_bytes()
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buffer, format="PNG")
+        return buffer.getvalue()
+    if source == "matplotlib":
         import matplotlib.cbook
 
-        return Image.open(matplotlib.cbook.get_sample_data(name)).convert("RGB")
-    if source == "sklearn" and name:
-        import sklearn.datasets
+        return Path(matplotlib.cbook.get_sample_data(name, asfileobj=False)).read_bytes()
+    import sklearn.datasets
 
-        return Image.fromarray(sklearn.datasets.load_sample_image(name)).convert("RGB")
+    return (Path(sklearn.datasets.__file__).parent / "images" / name).read_bytes()
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of an image file or package photo; ``ValueError`` naming it when it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
+        if path.split(":")[0] in PHOTO_SOURCES and ":" in path:
+            return package_photo(path)
+        return Path(path).read_bytes()
+    except (OSError, AttributeError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def to_tensor(image: Image.Image, size: int, mean: Tensor, std: Tensor) -> Tensor:
-    """``(C, size, size)`` normalised float tensor (antialiased bilinear resize)."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (C, h, w)
-    resized = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return (resized - mean[:, None, None]) / std[:, None, None]
+def load_pixels(path: str, decoding: Decoding = Decoding()) -> tuple[np.ndarray, str]:
+    """``(H, W, C)`` float32 pixels in [0, 1], upright, and the SHA-256 of the file's bytes."""
+    data = read_bytes(path)
+    return decode(path, data, decoding), content_hash(data)
 
 
+def load_image(path: str, decoding: Decoding = Decoding()) -> Image.Image:
+    """The picture as a viewer shows it (upright, 8-bit RGB): what maps and overlays are drawn on."""
+    return to_display(load_pixels(path, decoding)[0])
+
+
+def file_hash(path: str) -> str:
+    """SHA-256 of the bytes of ``path`` (the ``sha256`` of its index row)."""
+    return content_hash(read_bytes(path))
+
+
+def to_tensor(pixels: np.ndarray, placement: Frame, mean: Tensor, std: Tensor) -> Tensor:
+    """``(H, W, C)`` pixels -> ``(len(mean), S, S)`` normalised classifier input."""
+    matched = torch.from_numpy(np.ascontiguousarray(channels(pixels, len(mean)))).permute(2, 0, 1)  # (C, H, W)
+    normalised = (matched - mean[:, None, None]) / std[:, None, None]
+    return to_model(normalised, placement)  # (C, S, S)
+
+
+# ------------------------------------------------------------------------------- checks
+def header_problem(path: str, decoding: Decoding) -> str | None:
+    """Why the file cannot be opened (missing, unreadable header, above the pixel limit), or None.
+
+    Reads only the header: cheap enough for every image before the first step.
+    """
+    if path.split(":")[0] in PHOTO_SOURCES and ":" in path:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        return f"image file not found: {path}"
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(132)
+        if is_dicom(path, head):
+            import pydicom
+
+            pydicom.dcmread(path, stop_before_pixels=True)
+            return None
+        with pixel_limit(decoding.allow_large_images), Image.open(file) as image:
+            image.size  # noqa: B018 (the header is parsed on open)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"cannot read image {path}: {error}; set data.allow_large_images=true to read it"
+    except ImportError:
+        return f"cannot read image {path}: DICOM needs pydicom: pip install 'hdm-lightning[medical]'"
+    except Exception as error:  # any reader error: the file is named and the run goes on
+        return f"cannot read image {path}: {type(error).__name__}: {error}"
+    return None
+
+
+def record_problem(record: ImageRecord, num_classes: int | None, decoding: Decoding) -> str | None:
+    if record.problem is not None:
+        return record.problem
+    if record.target is not None and (record.target < 0 or (num_classes is not None and record.target >= num_classes)):
+        classes = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        return f"{record.source}: target {record.target} is not a class of the classifier ({classes})"
+    return header_problem(record.path, decoding)
+
+
+def validate_records(
+    records: list[ImageRecord], num_classes: int | None, decoding: Decoding = Decoding()
+) -> tuple[list[ImageRecord], list[tuple[ImageRecord, str]]]:
+    """Splits records into those that can run and ``(record, reason)`` for those that cannot.
+
+    Checks every row before the first step: its manifest problem, its target against the
+    classifier's ``num_classes`` (None: only ``>= 0``), and that its file exists with a readable
+    header within the pixel limit. The engine writes the failures to ``failed.jsonl``.
+    """
+    good, failed = [], []
+    for record in records:
+        problem = record_problem(record, num_classes, decoding)
+        if problem is None:
+            good.append(record)
+        else:
+            failed.append((record, problem))
+    return good, failed
+
+
+# ---------------------------------------------------------------------------- DataModule
 class StepStream(IterableDataset):
     """Endless optimisation-step ticks: the schedule callback decides when a run is over."""
 
@@ -164,15 +163,22 @@ class StepStream(IterableDataset):
 
 
 class ExplanationDataModule(LightningDataModule):
-    """Images to explain, their preprocessing, and this rank's share of them.
+    """Images to explain, their decoding and preprocessing, and this rank's share of them.
 
     Args:
         images: ``builtin`` (photos shipped by installed packages), a folder, a ``.txt`` list or a
             ``.csv``/``.json``/``.jsonl`` manifest with ``image`` and optional ``target``.
         image_size: side of the square classifier input.
-        mean: per-channel normalisation mean (pixel values in [0, 1]).
+        mean: per-channel normalisation mean (pixel values in [0, 1]); its length is the number of
+            channels the classifier takes (1: grey, 3: RGB), and pictures are converted to it.
         std: per-channel normalisation standard deviation.
         batch_size: images explained together in one optimisation.
+        resize: ``squash`` (resize to the square) or ``pad`` (keep the aspect ratio, pad with the
+            mean); maps are written at the original resolution either way.
+        window: ``[centre, width]`` of raw values shown, for 16-bit pictures and DICOM; null: the
+            DICOM file's window, else each picture's minimum and maximum.
+        background: RGB colour (0-255) under transparent pixels.
+        allow_large_images: read pictures above Pillow's pixel limit (else they fail, named).
     """
 
     def __init__(
@@ -182,47 +188,86 @@ class ExplanationDataModule(LightningDataModule):
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         batch_size: int = 4,
+        resize: Resize = "squash",
+        window: tuple[float, float] | None = None,
+        background: tuple[int, int, int] = (255, 255, 255),
+        allow_large_images: bool = False,
     ) -> None:
         super().__init__()
         if image_size < 8:
             raise ValueError(f"data.image_size must be >= 8, got {image_size}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if len(mean) != len(std) or min(std) <= 0:
-            raise ValueError(f"data.mean and data.std need the same length and std > 0, got {mean}, {std}")
+        if len(mean) != len(std) or min(std) <= 0 or len(mean) not in (1, 3):
+            raise ValueError(f"data.mean and data.std need 1 or 3 values each and std > 0, got {mean}, {std}")
+        frame(image_size, image_size, image_size, resize)  # validates data.resize by name
         self.images = images
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
         self.batch_size = batch_size
+        self.resize = resize
+        self.decoding = Decoding(tuple(window) if window is not None else None, tuple(background), allow_large_images)
         self.records: list[ImageRecord] = []
 
     def setup(self, stage: str | None = None) -> None:
         if not self.records:
             self.records = read_inputs(self.images)
 
+    def validate(self, num_classes: int | None) -> list[tuple[ImageRecord, str]]:
+        """Keeps only the records that can run; returns ``(record, reason)`` of the others.
+
+        Call once after :meth:`setup`, before the first step, with the classifier's number of
+        classes, and write each failure to ``failed.jsonl``. Indices into :attr:`records` change.
+        """
+        self.records, failed = validate_records(self.records, num_classes, self.decoding)
+        return failed
+
     def shard(self, rank: int, world_size: int) -> list[int]:
         """Indices of the records this rank explains: every image on exactly one rank, no padding."""
         return list(range(rank, len(self.records), world_size))
 
+    def frame(self, height: int, width: int) -> Frame:
+        """Where an ``(height, width)`` picture lies in the classifier input."""
+        return frame(height, width, self.image_size, self.resize)
+
+    def picture(self, path: str) -> Image.Image:
+        """The picture as shown (upright, 8-bit RGB, windowed): what maps are drawn over."""
+        return load_image(path, self.decoding)
+
+    def map_to_original(self, saliency: Tensor, height: int, width: int) -> Tensor:
+        """A map over the classifier input (any resolution of the square) -> float32 ``(height,
+        width)`` over the original picture: undoes ``pad`` or ``squash``. Call it before writing."""
+        return map_to_original(saliency, self.frame(height, width))
+
     def batch(self, indices: list[int]) -> dict:
         """The readable images of ``indices``: ``images (N, C, S, S)``, ``targets (N,)`` (-1: top-1),
-        their ``indices``, and ``failed`` (index, error) pairs for files that cannot be read."""
-        tensors, targets, kept, failed = [], [], [], []
+        their ``indices``, ``frames`` (placements, with the original size), ``hashes`` (SHA-256 of
+        each file, for the index row), and ``failed`` (index, error) pairs for the others."""
+        tensors, targets, kept, frames, hashes, failed = [], [], [], [], [], []
         for i in indices:
             record = self.records[i]
+            problem = record.problem or (f"{record.source}: target {record.target} is negative"
+                                         if record.target is not None and record.target < 0 else None)
             try:
-                picture = load_image(record.path)
-            except (ValueError, FileNotFoundError, AttributeError) as error:
+                if problem is not None:
+                    raise ValueError(problem)
+                pixels, digest = load_pixels(record.path, self.decoding)
+            except ValueError as error:
                 failed.append((i, str(error)))
                 continue
-            tensors.append(to_tensor(picture, self.image_size, self.mean, self.std))
+            placement = self.frame(*pixels.shape[:2])
+            tensors.append(to_tensor(pixels, placement, self.mean, self.std))
             targets.append(-1 if record.target is None else record.target)
             kept.append(i)
+            frames.append(placement)
+            hashes.append(digest)
         return {
             "images": torch.stack(tensors) if tensors else torch.empty(0),
             "targets": torch.tensor(targets, dtype=torch.long),
             "indices": kept,
+            "frames": frames,
+            "hashes": hashes,
             "failed": failed,
         }
 

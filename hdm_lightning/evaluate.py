@@ -28,15 +28,15 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from hdm_lightning.data import ExplanationDataModule, load_image
+from hdm_lightning.data import ExplanationDataModule, ImageRecord
 from hdm_lightning.explain_baseline import load_classifier, resolve_device
+from hdm_lightning.geometry import Frame, map_to_model
 from hdm_lightning.groundtruth import GroundTruth
 from hdm_lightning.metrics import (
     AverageDropIncrease,
@@ -89,20 +89,40 @@ class Results:
 
 
 # ------------------------------------------------------------------------------ inputs
-def resize_maps(maps: Sequence[np.ndarray], size: int) -> Tensor:
-    """``(h_i, w_i)`` maps -> ``(N, size, size)`` float32 in [0, 1], resized as the images are.
+def maps_in_frames(maps: Sequence[np.ndarray], frames: Sequence[Frame]) -> Tensor:
+    """Maps over the original pictures -> ``(N, S, S)`` float32 in [0, 1] over the classifier
+    input, placed as the pictures are (``data.resize``: squashed, or scaled and padded with 0).
 
     Example:
-        >>> resize_maps([np.ones((4, 6), dtype=np.float32)], 2)
+        >>> from hdm_lightning.geometry import frame
+        >>> maps_in_frames([np.ones((4, 6), dtype=np.float32)], [frame(4, 6, 2, "squash")])
         tensor([[[1., 1.],
                  [1., 1.]]])
     """
-    resized = [
-        F.interpolate(torch.from_numpy(m).float()[None, None], size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)[0, 0]
-        for m in maps
-    ]
-    return torch.stack(resized).clamp(0, 1)  # (N, size, size)
+    placed = [map_to_model(torch.from_numpy(m), f) for m, f in zip(maps, frames)]
+    return torch.stack(placed).clamp(0, 1)  # (N, S, S)
+
+
+def truth_in_frames(ground_truth: GroundTruth, keys: Sequence[str], frames: Sequence[Frame]) -> Tensor:
+    """Ground-truth masks drawn at the size each picture has inside the input, then placed:
+    ``(N, S, S)`` bool, false on the padding."""
+    masks = [map_to_model(ground_truth.mask_for(k, f.inner_height, f.inner_width).float(), f) > 0.5
+             for k, f in zip(keys, frames)]
+    return torch.stack(masks)  # (N, S, S)
+
+
+def check_pictures(label: str, index: dict[str, dict], records: Sequence[ImageRecord], hashes: Sequence[str]) -> None:
+    """``ValueError`` naming the first image whose file is not the picture the run explained.
+
+    Index rows carry the SHA-256 of the explained file; rows without one (older runs) pass.
+    """
+    for record, digest in zip(records, hashes):
+        expected = index[record.name].get("sha256")
+        if expected is not None and expected != digest:
+            raise ValueError(
+                f"runs: {label}: image {record.name!r} is not the picture its map was made for: {record.path} has "
+                f"sha256 {digest[:12]}…, the run explained {index[record.name].get('image')} with {expected[:12]}…; "
+                "was the image folder changed, or another one given?")
 
 
 def method_labels(runs: Sequence[str]) -> list[str]:
@@ -189,19 +209,20 @@ def evaluate(
         label: {k: m.to(device) for k, m in build_metrics(metric_names, classifier, num_classes, settings).items()}
         for label in runs
     }
-    size = datamodule.image_size
     for start in range(0, len(indices), datamodule.batch_size):
         batch = datamodule.batch(indices[start : start + datamodule.batch_size])
         if batch["failed"]:
             _, error = batch["failed"][0]
             raise ValueError(f"data.images: an explained image cannot be read any more: {error}")
         records = [datamodule.records[i] for i in batch["indices"]]
+        frames = batch["frames"]
         inputs = {"images": batch["images"].to(device)}  # (B, C, S, S)
         if ground_truth is not None:
-            masks = [ground_truth.mask_for(image_key(r.path, datamodule.images), size, size) for r in records]
-            inputs["masks"] = torch.stack(masks).to(device)  # (B, S, S)
+            keys = [image_key(r.path, datamodule.images) for r in records]
+            inputs["masks"] = truth_in_frames(ground_truth, keys, frames).to(device)  # (B, S, S)
         for label, run in runs.items():
-            inputs["maps"] = resize_maps([run.load_map(r.name) for r in records], size).to(device)  # (B, S, S)
+            check_pictures(label, indexes[label], records, batch["hashes"])
+            inputs["maps"] = maps_in_frames([run.load_map(r.name) for r in records], frames).to(device)  # (B, S, S)
             targets = [indexes[label][r.name]["target"] for r in records]
             inputs["targets"] = torch.tensor(targets, dtype=torch.long, device=device)  # (B,)
             for name, metric in scores[label].items():
@@ -246,7 +267,8 @@ def plot_curves(results: Results, name: str, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def plot_gallery(runs: dict[str, RunFolder], images: dict[str, str], path: Path) -> None:
+def plot_gallery(runs: dict[str, RunFolder], images: dict[str, str], path: Path,
+                 datamodule: ExplanationDataModule) -> None:
     """A grid: one row per image (the first ``GALLERY_IMAGES``), the image then each method's map."""
     shown = list(images)[:GALLERY_IMAGES]
     index = {label: run.read_index() for label, run in runs.items()}
@@ -254,7 +276,7 @@ def plot_gallery(runs: dict[str, RunFolder], images: dict[str, str], path: Path)
     FigureCanvasAgg(figure)
     grid = figure.subplots(len(shown), 1 + len(runs), squeeze=False)
     for r, name in enumerate(shown):
-        picture = load_image(images[name])
+        picture = datamodule.picture(images[name])
         grid[r, 0].imshow(picture)
         grid[r, 0].set_title(name, fontsize=8)
         for c, (label, run) in enumerate(runs.items(), start=1):
@@ -319,7 +341,7 @@ def main(args: list[str] | None = None) -> Results:
     for name in CURVES:
         if name in metric_names:
             plot_curves(results, name, out_dir / f"{name}.png")
-    plot_gallery(runs, results.images, out_dir / "gallery.png")
+    plot_gallery(runs, results.images, out_dir / "gallery.png", init.data)
     if config.wandb:
         log_to_wandb(results, columns, out_dir, config.wandb_project)
     print((out_dir / "results.md").read_text())

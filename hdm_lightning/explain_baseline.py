@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hdm_lightning import masks as M
 from hdm_lightning.baselines import Baseline
-from hdm_lightning.data import ExplanationDataModule, load_image
+from hdm_lightning.data import ExplanationDataModule
 from hdm_lightning.models import EfficientNetLite0, freeze
 from hdm_lightning.outputs import RunFolder
 
@@ -109,9 +109,12 @@ def explain_folder(
                 "masked_logit": float(result.masked_logit[n]),
                 "steps": 0,
                 "seconds": round(seconds, 3),
+                "sha256": batch["hashes"][n],
             }
             no_stages = result.maps.new_zeros((0, *result.maps.shape[1:]))  # (0, H, W)
-            run.write(record.name, load_image(record.path), result.maps[n], no_stages, row)
+            placement = batch["frames"][n]
+            fused = datamodule.map_to_original(result.maps[n], placement.height, placement.width)  # (H, W)
+            run.write(record.name, datamodule.picture(record.path), fused, no_stages, row)
             written += 1
     return written
 

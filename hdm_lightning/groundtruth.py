@@ -102,7 +102,8 @@ class GroundTruth(ABC):
 class BBoxCSV(GroundTruth):
     """Boxes of NIH ChestX-ray14 ``BBox_List_2017.csv``; several rows of an image are united.
 
-    The file is read once, at construction. Images are matched by file name (``Path.name``).
+    The file is read once, at construction. Images are matched by file name (``Path.name``), else
+    by stem, so a DICOM ``00000001_000.dcm`` finds the boxes of ``00000001_000.png``.
 
     Args:
         path: the CSV file.
@@ -132,6 +133,7 @@ class BBoxCSV(GroundTruth):
         for name, label, box in rows:
             if self.labels is None or label in self.labels:
                 self._boxes.setdefault(name, []).append(box)
+        self._stems = {Path(name).stem: name for name in self._boxes}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -142,6 +144,7 @@ class BBoxCSV(GroundTruth):
         """Union of the image's boxes; ``KeyError`` if it has none of the chosen labels."""
         _check_size(height, width)
         name = Path(image_name).name
+        name = name if name in self._boxes else self._stems.get(Path(image_name).stem, name)
         if name not in self._boxes:
             raise KeyError(f"{self.path} has no box for image {name!r} (labels={self.labels})")
         return boxes_to_mask(torch.tensor(self._boxes[name]), self.source_size, height, width)
@@ -150,7 +153,7 @@ class BBoxCSV(GroundTruth):
         """Rows as (image name, label, [x0, y0, x1, y1]) in the source frame."""
         if not self.path.is_file():
             raise FileNotFoundError(f"bounding-box CSV {str(self.path)!r} does not exist")
-        with self.path.open(newline="") as f:
+        with self.path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [cell.strip() for cell in next(reader, [])]
             missing = [c for c in CHESTX_COLUMNS if c not in header]

@@ -2,12 +2,15 @@
 
 Each loader is an ``nn.Module`` that wraps the network, so the YAML picks one by ``class_path``:
 the packaged EfficientNet-Lite0 (default), a torchvision model by name with weights from a local
-file, or any module by import path plus a checkpoint. No weights are downloaded.
+file, a timm model by name (extra ``timm``), or any module by import path plus a checkpoint. No
+weights are downloaded. Networks that return a dict, a tuple or an object (Hugging Face outputs,
+auxiliary heads) name the logits with ``output``: a key, an index or an attribute.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,27 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def output_classes(classifier: nn.Module, channels: int, size: int) -> int:
+    """How many classes ``classifier`` scores: one forward pass of a blank ``(1, channels, size,
+    size)`` input. Raises ``ValueError`` naming the input when the network does not take it.
+
+    Example:
+        >>> output_classes(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)), 3, 8)
+        5
+    """
+    parameter = next(iter(classifier.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            logits = classifier(torch.zeros(1, channels, size, size, device=device))
+    except RuntimeError as error:
+        raise ValueError(f"model.classifier does not take a (1, {channels}, {size}, {size}) input (data.mean has "
+                         f"{channels} values, data.image_size={size}): {error}") from error
+    if logits.ndim != 2:
+        raise ValueError(f"model.classifier returns shape {tuple(logits.shape)}; expected (batch, classes)")
+    return int(logits.shape[1])
 
 
 def imagenet_categories() -> list[str]:
@@ -43,15 +67,55 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Tenso
     return state
 
 
-class Classifier(nn.Module):
-    """Base of the loaders: ``forward`` returns the logits of the wrapped network."""
+def select_output(result: Any, output: str | int | None) -> Tensor:
+    """The logits among a network's outputs: ``output`` is a key, an index or an attribute.
 
-    def __init__(self) -> None:
+    Example:
+        >>> logits = torch.zeros(1, 3)
+        >>> select_output({"logits": logits, "features": None}, "logits") is logits
+        True
+        >>> select_output((logits, None), 0) is logits, select_output(logits, None) is logits
+        (True, True)
+    """
+    if output is None:
+        if isinstance(result, Tensor):
+            return result
+        raise ValueError(f"model.classifier returned a {type(result).__name__}, not a tensor of logits; set "
+                         "model.classifier.init_args.output to the key, index or attribute of the logits")
+    if isinstance(result, Mapping):
+        if output not in result:
+            raise ValueError(f"model.classifier output={output!r}: the network returned keys {sorted(result)}")
+        chosen = result[output]
+    elif isinstance(result, (tuple, list)):
+        if not str(output).lstrip("-").isdigit() or not -len(result) <= int(output) < len(result):
+            raise ValueError(f"model.classifier output={output!r}: the network returned {len(result)} values; "
+                             "give an index")
+        chosen = result[int(output)]
+    elif isinstance(output, str) and hasattr(result, output):
+        chosen = getattr(result, output)
+    else:
+        raise ValueError(f"model.classifier output={output!r}: the network returned a {type(result).__name__} "
+                         "without it")
+    if not isinstance(chosen, Tensor):
+        raise ValueError(f"model.classifier output={output!r} is a {type(chosen).__name__}, not a tensor of logits")
+    return chosen
+
+
+class Classifier(nn.Module):
+    """Base of the loaders: ``forward`` returns the logits of the wrapped network.
+
+    Args:
+        output: where the logits are in what the network returns (a dict key, a tuple index or an
+            attribute); None: the network returns the logits tensor.
+    """
+
+    def __init__(self, output: str | int | None = None) -> None:
         super().__init__()
         self.net: nn.Module = nn.Identity()
+        self.output = output
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
+        return select_output(self.net(images), self.output)
 
     def class_names(self) -> list[str] | None:
         """Names of the classes, where the loader knows them."""
@@ -81,12 +145,14 @@ class TorchvisionClassifier(Classifier):
         weights_path: a ``state_dict`` file; None keeps random weights (tests, timing).
         num_classes: size of the output layer.
         state_dict_key: entry of the file holding the state dict, if nested.
+        output: where the logits are in what the network returns (see :class:`Classifier`).
     """
 
     def __init__(
-        self, name: str, weights_path: str | None = None, num_classes: int = 1000, state_dict_key: str | None = None
+        self, name: str, weights_path: str | None = None, num_classes: int = 1000, state_dict_key: str | None = None,
+        output: str | int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(output)
         import torchvision
 
         if name not in torchvision.models.list_models():
@@ -111,6 +177,7 @@ class ImportedClassifier(Classifier):
         state_dict_key: entry of the file holding the state dict, if nested.
         strip_prefix: removed from every key (e.g. ``model.`` of a Lightning checkpoint).
         classes: the class names, optional.
+        output: where the logits are in what the network returns (see :class:`Classifier`).
     """
 
     def __init__(
@@ -121,8 +188,9 @@ class ImportedClassifier(Classifier):
         state_dict_key: str | None = None,
         strip_prefix: str = "",
         classes: list[str] | None = None,
+        output: str | int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(output)
         module_name, _, class_name = network.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
@@ -137,3 +205,47 @@ class ImportedClassifier(Classifier):
 
     def class_names(self) -> list[str] | None:
         return self.classes
+
+
+class TimmClassifier(Classifier):
+    """A timm model by name (extra ``timm``), weights from a local file; never downloaded.
+
+    Args:
+        name: a name that ``timm.list_models()`` knows (``vit_small_patch16_224``, ``densenet121``, …).
+        weights_path: a ``state_dict`` file; None keeps random weights (tests, timing).
+        num_classes: size of the output layer.
+        in_chans: input channels (1 for grey X-rays; ``data.mean`` then has one value).
+        state_dict_key: entry of the file holding the state dict, if nested.
+        arguments: further keyword arguments of ``timm.create_model`` (e.g. ``img_size``, ``depth``).
+        classes: the class names, optional (ImageNet's when ``num_classes`` is 1000).
+        output: where the logits are in what the network returns (see :class:`Classifier`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weights_path: str | None = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        state_dict_key: str | None = None,
+        arguments: dict[str, Any] | None = None,
+        classes: list[str] | None = None,
+        output: str | int | None = None,
+    ) -> None:
+        super().__init__(output)
+        try:
+            import timm
+        except ImportError as error:
+            raise ValueError("TimmClassifier needs timm: pip install 'hdm-lightning[timm]'") from error
+        if not timm.is_model(name):
+            raise ValueError(f"TimmClassifier: unknown name {name!r}; see timm.list_models()")
+        self.net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     **(arguments or {}))
+        if weights_path is not None:
+            self.net.load_state_dict(load_state_dict(weights_path, state_dict_key))
+        self.num_classes, self.classes = num_classes, classes
+
+    def class_names(self) -> list[str] | None:
+        if self.classes is not None:
+            return self.classes
+        return imagenet_categories() if self.num_classes == 1000 else None

@@ -1,11 +1,14 @@
 """Inputs: folders, lists, manifests, names, and errors that name the file."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from hdm_lightning.data import ExplanationDataModule, read_inputs, stable_names
+from hdm_lightning.data import ExplanationDataModule, read_inputs, stable_names, validate_records
 from tests.helpers.tiny import spot_images
 
 
@@ -42,8 +45,11 @@ def test_duplicate_stems_get_distinct_names():
 
 @pytest.mark.parametrize(
     ("content", "suffix", "message"),
-    [("image,target\nimages/a.png,cat\n", ".csv", "entry 1: target 'cat'"),
-     ('[{"target": 1}]', ".json", "entry 1: needs an 'image'"),
+    [('[{"target": 1}]', ".json", "entry 1: needs an 'image'"),
+     ("target\n3\n", ".csv", "needs an 'image' .* column"),
+     ('{"images": ["a.png"]}', ".json", "a JSON manifest is a list of objects"),
+     ('{"image": "a.png"}\n{"image": "b.png",\n', ".jsonl", "line 2: not valid JSON"),
+     ('[{"image": "a.png"}, "b.png"]', ".json", "entry 2: expected an object"),
      ("a.png\n", ".xml", "suffix '.xml'")],
 )
 def test_bad_manifests_name_the_file_and_entry(tmp_path, content, suffix, message):
@@ -60,3 +66,97 @@ def test_settings_are_validated_by_name():
     with pytest.raises(ValueError, match="data.image_size"):
         ExplanationDataModule(image_size=2)
     assert torch.equal(ExplanationDataModule().mean, torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_excel_csv_with_a_byte_order_mark_reads(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=2)
+    (tmp_path / "excel.csv").write_bytes("image,target\r\nimages/spot0.png,1\r\nimages/spot1.png,0\r\n".encode("utf-8-sig"))
+    records = read_inputs(str(tmp_path / "excel.csv"))
+    assert [(r.name, r.target) for r in records] == [("spot0", 1), ("spot1", 0)]
+    assert records[1].source == f"{tmp_path / 'excel.csv'}, line 3"
+
+
+def test_bad_rows_fail_with_their_line_and_the_rest_run(tmp_path):
+    """Targets out of range, a word for a target, a missing file and a broken header fail before
+    the first step, each named; the good rows stay."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=2)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,target\nimages/spot0.png,1\nimages/spot1.png,5000\nimages/spot0.png,-5\n"
+                        "images/spot1.png,cat\nimages/gone.png,0\nimages/broken.png,0\n".replace(
+                            "images/spot0.png,-5", "./images/spot0.png,-5").replace(
+                            "images/spot1.png,cat", "./images/spot1.png,cat"))
+    records = read_inputs(str(manifest))
+    good, failed = validate_records(records, num_classes=2)
+    assert [r.path for r in good] == [str(tmp_path / "images" / "spot0.png")]
+    reasons = {r.source.split(", ")[-1]: why for r, why in failed}
+    assert set(reasons) == {"line 3", "line 4", "line 5", "line 6", "line 7"}
+    assert "target 5000 is not a class of the classifier (0..1)" in reasons["line 3"]
+    assert "target -5" in reasons["line 4"] and "target 'cat' is not a class index" in reasons["line 5"]
+    assert "not found" in reasons["line 6"] and "broken.png" in reasons["line 7"]
+    assert all(str(manifest) in why for why in list(reasons.values())[:3])
+
+
+def test_datamodule_validate_drops_failures_and_batch_fails_bad_rows(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=2)
+    (tmp_path / "m.jsonl").write_text('{"image": "images/spot0.png", "target": "x"}\n{"image": "images/spot1.png"}\n')
+    data = ExplanationDataModule(str(tmp_path / "m.jsonl"), image_size=32)
+    data.setup()
+    batch = data.batch([0, 1])  # an engine that never validates still records the bad row
+    assert batch["indices"] == [1] and "target 'x'" in batch["failed"][0][1]
+    failed = data.validate(num_classes=10)
+    assert [r.name for r in data.records] == ["spot1"] and "line 1" in failed[0][1]
+
+
+@pytest.mark.parametrize(
+    ("paths", "root"),
+    [(["/abs/one/cat.png", "/abs/two/cat.png"], None),
+     (["../up/cat.png", "cat.png"], "."),
+     (["/x/../../etc/cat.png", "/y/cat.png"], None),
+     (["a/b.png", "a__b.png", "a/b.jpg"], "."),
+     (["weird name?.png", "weird name?.jpg"], None)],
+)
+def test_output_names_never_leave_the_run_folder(tmp_path, paths, root):
+    names = stable_names(paths, None if root is None else Path(root))
+    assert len(set(names)) == len(names)
+    out = tmp_path / "out"
+    for name in names:
+        target = (out / "maps" / f"{name}.npy").resolve()
+        assert target.parent == (out / "maps").resolve(), name
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_a_repeated_row_fails_as_a_duplicate_and_another_target_gets_its_own_name(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=1)
+    (tmp_path / "m.csv").write_text("image,target\nimages/spot0.png,1\nimages/spot0.png,0\nimages/spot0.png,1\n")
+    records = read_inputs(str(tmp_path / "m.csv"))
+    assert [r.name for r in records[:2]] == ["images__spot0.png__target1", "images__spot0.png__target0"]
+    good, failed = validate_records(records, num_classes=2)
+    assert len(good) == 2 and "line 4: the same image and target as" in failed[0][1] and "line 2" in failed[0][1]
+
+
+def test_same_stem_two_suffixes_in_one_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for suffix in (".png", ".jpg"):
+        Image.new("RGB", (8, 8)).save(folder / f"a{suffix}")
+    assert sorted(r.name for r in read_inputs(str(folder))) == ["a.jpg", "a.png"]
+
+
+def test_batch_hashes_are_the_file_bytes(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = spot_images(folder, count=2)
+    data = ExplanationDataModule(str(folder), image_size=32)
+    data.setup()
+    batch = data.batch([0, 1])
+    assert batch["hashes"] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert [(f.height, f.width) for f in batch["frames"]] == [(32, 32), (32, 32)]

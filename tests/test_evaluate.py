@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hdm_lightning.data import file_hash
 from hdm_lightning.evaluate import Results, choose_metrics, log_to_wandb, main, write_tables
 from hdm_lightning.groundtruth import MaskFolder
 from hdm_lightning.outputs import RunFolder
@@ -36,12 +37,14 @@ def square_map(square) -> np.ndarray:
     return saliency
 
 
-def write_run(out_dir, paths, square) -> None:
-    """A run folder whose every map is 1 on ``square`` and 0 elsewhere."""
+def write_run(out_dir, paths, square, hashes: bool = True) -> None:
+    """A run folder whose every map is 1 on ``square`` and 0 elsewhere; rows carry the file hash."""
     run = RunFolder(out_dir)
     for path in paths:
         row = {"name": path.stem, "image": str(path), "target": 1, "class_name": "square", "logit": 0.0,
                "masked_logit": 0.0, "steps": 0, "seconds": 0.0}
+        if hashes:
+            row["sha256"] = file_hash(str(path))
         saliency = torch.from_numpy(square_map(square))
         run.write(path.stem, Image.open(path).convert("RGB"), saliency, saliency.new_zeros(0, SIZE, SIZE), row)
 
@@ -56,7 +59,7 @@ def setting(tmp_path):
     for path in paths:
         Image.fromarray(square_map(REGION).astype(np.uint8) * 255).save(truth / path.name)
     write_run(tmp_path / "oracle", paths, REGION)
-    write_run(tmp_path / "decoy", paths[:2], DECOY)
+    write_run(tmp_path / "decoy", paths[:2], DECOY, hashes=False)  # an older run: rows without a hash
     return tmp_path, paths
 
 
@@ -146,3 +149,46 @@ def test_wandb_gets_the_table_and_the_figures_offline(tmp_path):
     (table,) = (run / "files" / "media" / "table").glob("results_*.table.json")
     assert json.loads(table.read_text())["data"] == [["oracle", 1.0, 0.5]]
     assert len(list((run / "files" / "media" / "images").glob("gallery_*.png"))) == 1
+
+
+def test_a_run_over_other_pictures_is_refused_naming_the_image(setting):
+    """Two pictures swapped in the folder after the run: same names, other pictures."""
+    root, paths = setting
+    first, second = paths[0].read_bytes(), paths[1].read_bytes()
+    paths[0].write_bytes(second)
+    paths[1].write_bytes(first)
+    with pytest.raises(ValueError, match="oracle: image 'square0' is not the picture its map was made for"):
+        main(eval_args(root))
+
+
+def test_padded_inputs_score_maps_in_the_same_frame(tmp_path):
+    """Non-square pictures with ``data.resize=pad``: the oracle map still covers the square."""
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir()
+    truth.mkdir()
+    rows, cols = region_slices(REGION)
+    paths = []
+    for i, path in enumerate(square_images(images, count=2)):
+        wide = np.zeros((SIZE, 2 * SIZE, 3), dtype=np.uint8)  # the picture beside a black half
+        wide[:, :SIZE] = np.asarray(Image.open(path))
+        path.unlink()
+        paths.append(images / f"wide{i}.png")
+        Image.fromarray(wide).save(paths[-1])
+        mask = np.zeros((SIZE, 2 * SIZE), dtype=np.uint8)
+        mask[rows, cols] = 255
+        Image.fromarray(mask).save(truth / paths[-1].name)
+    run = RunFolder(tmp_path / "oracle")
+    for path in paths:
+        saliency = np.zeros((SIZE, 2 * SIZE), dtype=np.float32)
+        saliency[rows, cols] = 1.0
+        row = {"name": path.stem, "image": str(path), "target": 1, "class_name": "square", "logit": 0.0,
+               "masked_logit": 0.0, "steps": 0, "seconds": 0.0, "sha256": file_hash(str(path))}
+        run.write(path.stem, Image.open(path).convert("RGB"), torch.from_numpy(saliency), torch.zeros(0, 1, 1), row)
+    results = main([
+        "--runs", str(tmp_path / "oracle"), "--data.images", str(images), "--data.image_size", str(2 * SIZE),
+        "--data.resize", "pad", "--model.classifier", json.dumps(CLASSIFIER), "--out_dir", str(tmp_path / "eval"),
+        "--device", "cpu", "--metrics", "[pointing, energy]", "--ground_truth.class_path", "MaskFolder",
+        "--ground_truth.init_args.root", str(truth),
+    ])
+    assert results.rows["oracle"]["pointing_game"] == 1.0
+    assert results.rows["oracle"]["energy_pointing_game"] == pytest.approx(1.0)

@@ -50,7 +50,8 @@ def test_gradcam_run_folder_has_hdm_layout_and_maps_on_the_region(images, tmp_pa
     assert sorted(rows) == ["square0", "square1", "square2"]
     assert (run.root / "config.yaml").is_file()
     for name, row in rows.items():
-        assert set(row) == {"name", "image", "target", "class_name", "logit", "masked_logit", "steps", "seconds"}
+        assert set(row) == {"name", "image", "target", "class_name", "logit", "masked_logit", "steps", "seconds",
+                            "sha256"}
         assert (row["target"], row["class_name"], row["steps"]) == (1, "square", 0)
         assert row["logit"] == pytest.approx(square_logit(row["image"]), abs=1e-4)
         # the map is 1 on the region the classifier reads: keeping it keeps the logit
