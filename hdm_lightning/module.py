@@ -26,14 +26,15 @@ from typing_extensions import override
 
 from hdm_lightning import masks as M
 from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
-from hdm_lightning.fusion import Fusion, SumFusion
+from hdm_lightning.consistency import Consistency, EvidenceConsistency
+from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy
 from hdm_lightning.targets import KeepTarget, TargetPolicy
 
 #: Buffers that carry one batch through the method; rebuilt from a checkpoint's shapes.
 BATCH_BUFFERS = (
-    "images", "substrate", "stage_input", "targets", "original_targets", "reference",
+    "images", "substrate", "stage_input", "targets", "original_targets", "reference", "floor",
     "original_reference", "active", "previous_maps", "stage_sum", "stage_maps",
 )
 
@@ -50,7 +51,9 @@ class MaskExplainer(LightningModule):
         block_factors: block factors ``b`` of the auxiliary chains; empty gives MDM's
             independent single-level masks.
         max_size: largest auxiliary mask size.
-        consistency_weight: ``λ_c`` of the activation-consistency term.
+        consistency: the activation-consistency term; None means :class:`EvidenceConsistency`
+            (one-sided, relative to the class's evidence); :class:`SquaredConsistency` is the
+            reference's ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``.
         sparsity_weight: ``λ_1`` of the mask-value term.
         lr: Adam learning rate of the masks.
         init_value: initial value of every mask element.
@@ -60,7 +63,8 @@ class MaskExplainer(LightningModule):
             mean colour) or ``blur`` (a Gaussian blur of the image).
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
-        fusion: how stage maps are fused; None means :class:`SumFusion`.
+        fusion: how stage maps are fused; None means :class:`EvidenceFusion` (each stage weighted
+            by the evidence its regions hold); :class:`SumFusion` is the reference's equal sum.
         chunk_size: most masked images per classifier forward (gradients accumulate over
             chunks); None puts the whole level in one batch. Bounds memory; on a CPU, small
             batches of 6-8 images are also faster per image.
@@ -74,7 +78,7 @@ class MaskExplainer(LightningModule):
         benchmark_sizes: tuple[int, ...] = (7, 10),
         block_factors: tuple[int, ...] = (2, 3),
         max_size: int = 50,
-        consistency_weight: float = 1e-2,
+        consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
         lr: float = 5e-2,
         init_value: float = 0.5,
@@ -92,21 +96,21 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        for name, value in (("consistency_weight", consistency_weight), ("sparsity_weight", sparsity_weight)):
-            if value < 0:
-                raise ValueError(f"model.{name} must be >= 0, got {value}")
+        if sparsity_weight < 0:
+            raise ValueError(f"model.sparsity_weight must be >= 0, got {sparsity_weight}")
         if blur_sigma <= 0:
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"model.chunk_size must be >= 1 or null, got {chunk_size}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
-        self.save_hyperparameters(ignore=["classifier", "target_policy", "fusion"])
+        self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
         self.classifier = freeze(classifier if classifier is not None else EfficientNetLite0())
         self.chains = M.build_chains(list(benchmark_sizes), list(block_factors), max_size)
         self.num_levels = M.num_levels(self.chains)
         self.target_policy = target_policy or KeepTarget()
-        self.fusion = fusion or SumFusion()
+        self.consistency = consistency or EvidenceConsistency()
+        self.fusion = fusion or EvidenceFusion()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave the frozen classifier out
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
@@ -142,7 +146,7 @@ class MaskExplainer(LightningModule):
         masked = (self.substrate[None] + difference * kept[:, :, None]).flatten(0, 1)  # (k·N, C, H, W)
         logit = self.target_logit(masked, self.targets.repeat(k)).view(k, n)
         sparsity = torch.stack([M.sparsity_loss(self.masks[i], self.hparams.sparsity_weight) for i in chains])
-        return M.consistency_loss(logit, self.reference, self.hparams.consistency_weight) + sparsity
+        return self.consistency(logit, self.reference, self.floor) + sparsity
 
     def chain_chunks(self) -> list[list[int]]:
         """The level's chains that still have an active item, in groups whose items fit in one
@@ -245,6 +249,7 @@ class MaskExplainer(LightningModule):
         self.set_buffer("substrate", self.make_substrate(stage_input))
         self.set_buffer("targets", targets)
         self.set_buffer("reference", logits.gather(1, targets[:, None])[:, 0])
+        self.set_buffer("floor", self.target_logit(self.substrate, targets))  # f_c(x_0): no evidence left
         self.set_buffer("stage_sum", stage_input.new_zeros((n, h, w)))
         self.set_buffer("previous_maps", stage_input.new_zeros((len(self.chains), n, h, w)))
 
