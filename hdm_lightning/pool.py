@@ -89,14 +89,15 @@ def adam_step(
         tensor([0.9000, 1.1000])
     """
     beta1, beta2 = betas
-    step = step.to(param.dtype)[:, None, None]  # (k, 1, 1)
-    lr = torch.as_tensor(lr, dtype=param.dtype, device=param.device)
+    step = step.double()[:, None, None]  # (k, 1, 1); bias corrections in float64, as torch.optim.Adam
+    lr = torch.as_tensor(lr, dtype=torch.float64, device=param.device)
     lr = lr[:, None, None] if lr.ndim else lr
-    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    corrected_avg = exp_avg / (1 - beta1**step)
-    corrected_sq = exp_avg_sq / (1 - beta2**step)
-    return param - lr * corrected_avg / (corrected_sq.sqrt() + eps), exp_avg, exp_avg_sq
+    step_size = (lr / (1 - beta1**step)).to(param.dtype)
+    correction2_sqrt = (1 - beta2**step).sqrt().to(param.dtype)
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    denominator = exp_avg_sq.sqrt() / correction2_sqrt + eps
+    return param - step_size * (exp_avg / denominator), exp_avg, exp_avg_sq
 
 
 def update_patience(best: Tensor, since: Tensor, loss: Tensor, min_delta: float, elapsed: Tensor) -> tuple[Tensor, Tensor]:
