@@ -145,7 +145,7 @@ def explain(
         trainer = Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda"
             else 1, precision=run.get("precision", "32-true"), logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, max_epochs=1, callbacks=[schedule, collect],
+            enable_progress_bar=False, enable_model_summary=False, max_epochs=-1, callbacks=[schedule, collect],
             default_root_dir=folder,
         )
         data = TensorInputs(images.detach().cpu(), targets, run.get("batch_size", count))

@@ -66,7 +66,7 @@ class HDMCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 0,
                 "checkpoint.enable_version_counter": False,  # always last.ckpt, which a resume reads
-                "trainer.max_epochs": 1,
+                "trainer.max_epochs": -1,  # the schedule stops the run; a finished run's checkpoint must not end a rerun
                 "trainer.log_every_n_steps": 10,
                 "trainer.enable_model_summary": False,
                 "trainer.logger": {

@@ -86,7 +86,7 @@ def test_rerun_explains_exactly_the_images_without_a_map(images, tmp_path):
     assert (out / "maps" / "spot0.npy").stat().st_mtime_ns == kept  # never touched
     assert sorted(stamps(out)) == ["spot0.npy", "spot1.npy", "spot2.npy"]
     np.testing.assert_array_equal(np.load(out / "maps" / "spot1.npy"), spot1)  # the same map again
-    assert CountSteps.steps == 2 * 40  # two images, 2 stages × 2 levels × 10 steps each
+    assert CountSteps.steps == 40  # 2 stages × 2 levels × 10 steps, the two images side by side (3 would take 80)
     names = [row["name"] for row in index_rows(out)]
     assert sorted(names) == ["spot0", "spot1", "spot2"]  # one row per image, also for the redone spot1
 
