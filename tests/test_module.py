@@ -54,6 +54,24 @@ def test_batched_images_equal_images_explained_alone(images, tmp_path):
         np.testing.assert_allclose(together[name], alone[name], atol=1e-5)
 
 
+def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):
+    """Issue 8, point 4: three images in a full pool (items wait for rows, converge at their own
+    steps) get the maps each gets alone; only float reassociation may differ."""
+    import json
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=3, seed=3)
+    schedule = {"min_steps": 5, "max_steps": 80, "patience": 5, "check_every": 5, "min_delta": 0.01}
+    crowded = explain(folder, tmp_path / "crowded", batch_size=3, schedule=schedule, module={"max_items": 3})
+    alone = explain(folder, tmp_path / "alone", batch_size=1, schedule=schedule)
+    rows = [json.loads(line) for line in (crowded.root / "index.jsonl").read_text().splitlines()]
+    assert len({row["steps"] for row in rows}) > 1  # the images' items stopped at different steps
+    together, single = maps(crowded), maps(alone)
+    for name in single:
+        np.testing.assert_allclose(together[name], single[name], atol=1e-5)
+
+
 def run_stage(images, tmp_path, **module):
     """Two images driven by hand through stage 1 with random masks; returns the module and their states."""
     model, data, trainer = build(images, tmp_path / "run", module=module)
