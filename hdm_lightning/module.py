@@ -64,36 +64,25 @@ class ImageState:
     seconds: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        def cpu(value):
-            if isinstance(value, Tensor):
-                return value.cpu()
-            if isinstance(value, list):
-                return [cpu(v) for v in value]
-            if isinstance(value, dict):
-                return {k: cpu(v) for k, v in value.items()}
-            if isinstance(value, tuple):
-                return tuple(cpu(v) for v in value)
-            return value
-
-        state = {k: cpu(v) for k, v in vars(self).items() if k != "pending"}
+        state = {k: move(v, torch.device("cpu")) for k, v in vars(self).items() if k != "pending"}
         state["pending"] = [(i.image, i.stage, i.chain, i.level) for i in self.pending]
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> ImageState:
-        def to(value):
-            if isinstance(value, Tensor):
-                return value.to(device)
-            if isinstance(value, list):
-                return [to(v) for v in value]
-            if isinstance(value, dict):
-                return {k: to(v) for k, v in value.items()}
-            if isinstance(value, tuple):
-                return tuple(to(v) for v in value)
-            return value
-
-        values = {k: to(v) for k, v in state.items() if k != "pending"}
+        values = {k: move(v, device) for k, v in state.items() if k != "pending"}
         return cls(**values, pending=[Item(*p) for p in state["pending"]])
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (lists, tuples, dicts) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
 
 
 class MaskExplainer(LightningModule):
