@@ -280,7 +280,7 @@ class HDMSchedule(Callback):
                 pool.retire(slot, pl_module.size_of(item))
             else:
                 pool.items[slot] = Item(key, item.stage, item.chain, item.level)
-        pool._packing = None
+        pool.changed()
         now = time.perf_counter()
         for state in states:
             key = keys[state.key]

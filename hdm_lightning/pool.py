@@ -166,6 +166,7 @@ class MaskPool(nn.Module):
         self.admitted: list[int] = [0] * capacity  # value of ``clock`` when each row's item entered
         self.clock = 0  # optimiser steps taken by the pool
         self._packing: list[tuple[int, int]] | None = None  # (size, slot) of the items, in batch order
+        self._chunks: dict = {}  # chunk_size -> chunks, and None -> rows per size: rebuilt when items change
 
     # ------------------------------------------------------------------ membership
     def __len__(self) -> int:
@@ -191,15 +192,21 @@ class MaskPool(nn.Module):
         getattr(self, f"exp_avg_sq_{size}")[slot] = 0.0
         for name, value in (("steps", 0), ("loss", 0.0), ("best", float("inf")), ("since", 0), ("checked", 0)):
             getattr(self, name)[slot] = value
-        self.items[slot], self.admitted[slot], self._packing = item, self.clock, None
+        self.items[slot], self.admitted[slot] = item, self.clock
+        self.changed()
         return slot
+
+    def changed(self) -> None:
+        """Forgets the packing: the items in flight changed (the only time index tensors are built)."""
+        self._packing, self._chunks = None, {}
 
     @torch.no_grad()
     def retire(self, slot: int, size: int) -> tuple[Tensor, Tensor]:
         """Frees ``slot``; returns its trainable mask ``a_l`` and superimposed mask ``P_l``, ``(s, s)``."""
         mask = self.masks[str(size)][slot].detach().clone()
         superimposed = getattr(self, f"guide_{size}")[slot] * mask
-        self.items[slot], self._packing = None, None
+        self.items[slot] = None
+        self.changed()
         return mask, superimposed
 
     # -------------------------------------------------------------------- packing
@@ -210,8 +217,12 @@ class MaskPool(nn.Module):
         return self._packing
 
     def chunks(self, size_of, chunk_size: int | None) -> list[list[Group]]:
-        """The items in flight in classifier batches of at most ``chunk_size`` items."""
-        order = self.packing(size_of)
+        """The items in flight in classifier batches of at most ``chunk_size`` items (cached)."""
+        if chunk_size not in self._chunks:
+            self._chunks[chunk_size] = self.split(self.packing(size_of), chunk_size)
+        return self._chunks[chunk_size]
+
+    def split(self, order: list[tuple[int, int]], chunk_size: int | None) -> list[list[Group]]:
         per_chunk = chunk_size or max(1, len(order))
         device = self.steps.device
         chunks = []
@@ -247,11 +258,10 @@ class MaskPool(nn.Module):
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1]."""
-        groups = {}
-        for size, slot in self.packing(size_of):
-            groups.setdefault(size, []).append(slot)
-        for size, rows in groups.items():
-            rows = torch.tensor(rows, device=self.steps.device)  # (k,)
+        if "rows" not in self._chunks:
+            self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
+                if len(self) else []
+        for size, rows in self._chunks["rows"]:  # (k,) rows of each size
             mask = self.masks[str(size)]
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
@@ -290,7 +300,8 @@ class MaskPool(nn.Module):
             raise ValueError(f"the checkpoint's pool holds {len(state['items'])} rows, engine.max_items is "
                              f"{self.capacity}; resume with the run's engine.max_items")
         self.items = [None if i is None else Item(*i) for i in state["items"]]
-        self.admitted, self.clock, self._packing = list(state["admitted"]), state["clock"], None
+        self.admitted, self.clock = list(state["admitted"]), state["clock"]
+        self.changed()
 
 
 class ItemAdam(torch.optim.Optimizer):
