@@ -124,7 +124,8 @@ def run_engine(engine: str, schedule: str, args) -> dict:
         if engine == "new" else {}
     model = MaskExplainer(classifier=classifier, chunk_size=args.chunk_size, **settings, **PRESETS[schedule])
     with tempfile.TemporaryDirectory() as folder:
-        data = ExplanationDataModule(photos(Path(folder), args.images), image_size=args.size, batch_size=args.images)
+        data = ExplanationDataModule(photos(Path(folder), args.images), image_size=args.size,
+                                     batch_size=args.in_flight or args.images)
         passes = Passes(engine)
         callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes]
         if torch.cuda.is_available():
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["new", "old"], default="new")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     parser.add_argument("--images", type=int, default=4, help="photos (and images in flight)")
+    parser.add_argument("--in_flight", type=int, default=None, help="most images in flight (default: all)")
     parser.add_argument("--stages", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max_items", type=int, default=16)
