@@ -196,3 +196,11 @@ def test_target_outside_the_classifier_names_the_inputs(tmp_path):
     model, data, trainer = build(tmp_path / "list.csv", tmp_path / "run")
     with pytest.raises(ValueError, match=r"data.images .*list.csv: images \['spot0'\]: target 7 outside \[0, 2\)"):
         trainer.fit(model, datamodule=data)
+
+
+def test_progress_reports_images_and_items_in_flight(images, tmp_path):
+    model, data, trainer = build(images, tmp_path / "run", batch_size=2, trainer={"max_steps": 3})
+    trainer.fit(model, datamodule=data)
+    # 2 images in flight, each with its 2 benchmark masks (sizes 3 and 4) at stage 1, level 0
+    assert model.progress() == {"images_total": 2, "images_done": 0, "images_failed": 0,
+                                "in_flight": {"stage0/level0": 4}}
