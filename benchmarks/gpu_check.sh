@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
-# GPU check (issue 3): the GPU-marked tests, then a short bf16 HDM run of a ResNet-50 (random
-# weights) on 2 images with timing. Run it on a machine with a CUDA GPU; paste what it prints,
-# with the GPU's name, into benchmarks/RESULTS.md.
+# GPU check (issues 3 and 8): the GPU-marked tests, then ResNet-50 (random weights) at 224 px in
+# bf16 through the engine: images per second for the fast and paper schedules, useful passes per
+# second against the raw forward+backward throughput at the same batch size, the share of time
+# outside the classifier, and peak GPU memory measured in the process that did the work
+# (benchmarks/throughput.py prints one row per schedule). Then the same with torch.compile and
+# channels_last. Run it on a machine with a CUDA GPU; paste what it prints, with the GPU's name,
+# into benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+IMAGES=${IMAGES:-32}      # photos are repeated to this many images
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -m pytest -q -m gpu tests hdm_lightning || [ $? -eq 5 ]  # 5: no GPU test collected
-for precision in 32-true bf16-mixed 16-mixed; do
-  start=$(date +%s.%N)
-  $PY train_masks.py --out_dir "runs/gpu-check-$precision" --resume false \
-    --data.images benchmarks/two_photos.txt --data.batch_size 2 \
-    --model.classifier.class_path hdm_lightning.models.TorchvisionClassifier \
-    --model.classifier.init_args.name resnet50 \
-    --trainer.accelerator gpu --trainer.devices 1 --trainer.precision "$precision" \
-    --trainer.logger false --trainer.enable_progress_bar false 2>&1 | grep -E "Explained|steps" || true
-  end=$(date +%s.%N)
-  echo "precision=$precision wall_seconds=$(echo "$end - $start" | bc)"
-done
-$PY -c "import torch; print('peak GPU memory (GiB):', torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 'n/a')"
+common=(--classifier resnet50 --accelerator gpu --precision bf16-mixed --size 224 --images "$IMAGES"
+        --max_items 256 --stages 3 --threads 8 --repeats 20 --schedules fast --paper)
+$PY benchmarks/throughput.py "${common[@]}"
+$PY benchmarks/throughput.py "${common[@]}" --compile --channels_last --chunk_size 256

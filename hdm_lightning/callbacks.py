@@ -1,8 +1,10 @@
-"""Callbacks: the HDM schedule (images, stages, levels, convergence) and the map writer.
+"""Callbacks: admission and retirement of the mask pool's items, and the map writer.
 
-:class:`HDMSchedule` owns the position of the run — which images, stage, level and step — and
-persists it in checkpoints; the masks and the tensors of the current batch live in the module.
-:class:`MapWriter` writes finished explanations to the run folder and the logger.
+:class:`HDMSchedule` decides which items are in flight — it admits the successors of items that
+converged and the next images, and retires items at their convergence checks — and persists the
+images in flight in checkpoints; the items' masks and optimiser state are the module's parameters
+and buffers (:mod:`hdm_lightning.pool`). :class:`MapWriter` writes finished explanations to the run
+folder and the logger.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing_extensions import override
 
 from hdm_lightning.data import load_image
 from hdm_lightning.masks import upsample
+from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
+from hdm_lightning.pool import Convergence, Item, first_items, successors
 
 
 @dataclass
@@ -36,19 +40,6 @@ class Explanation:
     row: dict
 
 
-def update_patience(best: Tensor, since: Tensor, loss: Tensor, min_delta: float, elapsed: int) -> tuple[Tensor, Tensor]:
-    """Best loss so far and steps since it improved by more than ``min_delta`` (relative), per item.
-
-    Example:
-        >>> best, since = update_patience(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]),
-        ...                               torch.tensor([0.5, 0.9999]), 1e-3, 50)
-        >>> best, since
-        (tensor([0.5000, 1.0000]), tensor([ 0, 50]))
-    """
-    improved = loss < best * (1 - min_delta)
-    return torch.where(improved, loss, best), torch.where(improved, torch.zeros_like(since), since + elapsed)
-
-
 def log_images(trainer: pl.Trainer, key: str, images: list[np.ndarray], captions: list[str]) -> None:
     """Send images to loggers that take them (W&B, TensorBoard); others are skipped."""
     for logger in trainer.loggers:
@@ -57,22 +48,29 @@ def log_images(trainer: pl.Trainer, key: str, images: list[np.ndarray], captions
 
 
 class HDMSchedule(Callback):
-    """Drives the module through images, stages and levels; stops a level when it has converged.
+    """Admits and retires the items of the mask pool: levels, stages, images, convergence.
 
-    A level's item (one chain of one image) stops once it has run ``min_steps`` and its loss has
-    not improved by more than ``min_delta`` (relative) for ``patience`` steps, or at
-    ``max_steps``; the level ends when all its items have stopped. Convergence is checked every
-    ``check_every`` steps, on the device. The defaults are the ``fast`` preset's (20-40 steps);
-    ``configs/paper.yaml`` sets the reference's 800-2000 steps with a patience of 500.
+    An item (one level of one chain of one image in one stage) stops once it has run ``min_steps``
+    and its loss has not improved by more than ``min_delta`` (relative) for ``patience`` steps, or
+    at ``max_steps``; it is checked every ``check_every`` of its own steps, on the device, so the
+    only host synchronisations are at checks. When an item stops its successors enter the pool at
+    once (the next level of its chains; after the stage's last item, the next stage's first
+    level), and while there is room the next image's items enter; an image is handed to the
+    writer the moment its last stage ends. Every decision reads the image's own numbers only.
+    The defaults are the ``fast`` preset's (20-40 steps); ``configs/paper.yaml`` sets the
+    reference's 800-2000 steps with a patience of 500.
+
+    The run folder is the truth: images whose fused map is there are never started, also when a
+    checkpoint had them in flight; the checkpoint holds only the images in flight.
 
     Args:
-        out_dir: the run folder (images whose fused map is there are skipped).
+        out_dir: the run folder.
         stages: number of DM stages ``T``.
-        min_steps: steps before a level may stop.
-        max_steps: steps after which a level stops.
+        min_steps: steps before an item may stop.
+        max_steps: steps after which an item stops.
         patience: steps without improvement that stop an item.
         min_delta: relative improvement that counts.
-        check_every: steps between convergence checks.
+        check_every: steps between an item's convergence checks.
         stop_probability: optional stopping rule: an image runs no further stage once the softmax
             probability of its class on the image with the found regions removed is below this.
     """
@@ -98,69 +96,148 @@ class HDMSchedule(Callback):
         if stop_probability is not None and not 0 < stop_probability < 1:
             raise ValueError(f"schedule.stop_probability must be in (0, 1) or null, got {stop_probability}")
         self.run = RunFolder(out_dir)
-        self.stages, self.min_steps, self.max_steps = stages, min_steps, max_steps
-        self.patience, self.min_delta, self.check_every = patience, min_delta, check_every
-        self.stop_probability = stop_probability
-        self.batch: list[int] | None = None  # record indices being explained
+        self.stages, self.stop_probability = stages, stop_probability
+        self.rule = Convergence(min_steps, max_steps, patience, min_delta, check_every)
+        self.images: dict[int, ImageState] = {}  # the images in flight, by record index, in admission order
+        self.started: dict[int, float] = {}  # perf_counter at which each image's clock started
         self.failed: list[str] = []  # paths of unreadable images
-        self.names: list[str] = []  # names of the batch's images: a resume finds them by name
-        self.queue: list[int] | None = None  # this rank's records still to look at
-        self.stage = self.level = self.step = self.batch_steps = 0
-        self.seconds = 0.0
-        self.best = self.since = self.kept = torch.empty(0)
-        self.clock = time.perf_counter()
+        self.queue: list[int] = []  # this rank's records still to start
+        self.saved: list[dict] = []  # images of a checkpoint, until on_train_start places them
+        self.watched: int | None = None  # the image whose masks go to the dashboard
+
+    @property
+    def check_every(self) -> int:
+        return self.rule.check_every
 
     # ------------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.clock = time.perf_counter()
-        self.best, self.since, self.kept = (t.to(pl_module.device) for t in (self.best, self.since, self.kept))
-        pl_module.explaining, pl_module.idle = True, False
         datamodule = trainer.datamodule
-        self.queue = [i for i in datamodule.shard(trainer.global_rank, trainer.world_size)
-                      if datamodule.records[i].path not in self.failed]
-        if self.batch is not None:  # resumed inside a batch: find its images again by name
-            index = {r.name: i for i, r in enumerate(datamodule.records)}
-            if all(name in index for name in self.names):
-                self.batch = [index[name] for name in self.names]
-            else:
-                rank_zero_warn(f"HDMSchedule: the inputs changed since the checkpoint; restarting batch {self.names}")
-                self.batch = None
+        self.restore(trainer, pl_module)
+        shard = datamodule.shard(trainer.global_rank, trainer.world_size)
+        done = {i for i in shard if self.run.is_done(datamodule.records[i].name)}
+        self.queue = [i for i in shard if i not in done and i not in self.images
+                      and datamodule.records[i].path not in self.failed]
+        pl_module.counts.update(images_total=len(shard), images_done=len(done), images_failed=len(self.failed))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.batch is None and not pl_module.idle and not self.start_next_batch(trainer, pl_module):
-            pl_module.idle = True  # the module takes empty steps until every rank is done
-        if self.every_rank_done(trainer, pl_module.idle):
-            pl_module.explaining = False  # the module's hook then ends the epoch
-            trainer.should_stop = True
+        if len(pl_module.pool) == 0:
+            self.fill(trainer, pl_module)
+        done = len(pl_module.pool) == 0 and not self.images and not self.queue
+        if self.every_rank_done(trainer, done):
+            trainer.should_stop = True  # the module's hook then ends the epoch before any step
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.batch is None:  # an empty step, or the batch just finished
+        if not pl_module.pool.due(self.rule):  # host arithmetic: no device sync between checks
             return
-        self.step += 1
-        self.batch_steps += 1
-        if self.step % self.check_every and self.step < self.max_steps:
-            return
-        elapsed = self.check_every if self.step % self.check_every == 0 else self.step % self.check_every
-        self.best, self.since = update_patience(self.best, self.since, pl_module.last_loss, self.min_delta, elapsed)
-        converged = (self.step >= self.min_steps) & (self.since >= self.patience)
-        pl_module.active &= ~converged
-        pl_module.live = None
-        if self.step >= self.max_steps or not bool(pl_module.active.any()):  # one host sync per check
-            self.next_level(trainer, pl_module)
+        self.retire(trainer, pl_module, pl_module.pool.converged(self.rule))
+        self.fill(trainer, pl_module)
 
-    # --------------------------------------------------------------------- schedule
+    # ------------------------------------------------------------- admission
+    def fill(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Successors of the images in flight first, then new images while there is room."""
+        for state in self.images.values():
+            self.admit(pl_module, state)
+        capacity = trainer.datamodule.batch_size
+        while self.queue and pl_module.pool.free() and len(self.images) < capacity:
+            state = self.start_image(trainer, pl_module, self.queue.pop(0))
+            if state is not None:
+                self.admit(pl_module, state)
+
+    def admit(self, pl_module: pl.LightningModule, state: ImageState) -> None:
+        pool = pl_module.pool
+        while state.pending and pool.free():
+            item = state.pending.pop(0)
+            slot = pool.admit(item, pl_module.size_of(item), pl_module.guide(state, item))
+            pl_module.item_image[slot] = state.slot
+            state.running += 1
+
+    def start_image(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> ImageState | None:
+        """Loads record ``index`` and begins its first stage; None if it cannot be read or is done."""
+        datamodule = trainer.datamodule
+        record = datamodule.records[index]
+        if self.run.is_done(record.name):  # written since the queue was made
+            return None
+        batch = datamodule.batch([index])
+        for _, error in batch["failed"]:
+            self.failed.append(record.path)
+            self.run.record_failure(record.path, error)
+            pl_module.counts["images_failed"] += 1
+            return None
+        capacity = datamodule.batch_size
+        pl_module.image_rows(capacity, tuple(batch["images"].shape[1:]))
+        slot = min(set(range(capacity)) - {s.slot for s in self.images.values()})
+        try:
+            state = pl_module.begin_image(index, record.name, record.path, slot, batch["images"][0],
+                                          int(batch["targets"][0]))
+        except ValueError as error:  # a target the classifier does not have
+            raise ValueError(f"data.images {datamodule.images}: images {[record.name]}: {error}") from error
+        pl_module.begin_stage(state)
+        state.pending = first_items(pl_module.chains, index, 0)
+        self.images[index], self.started[index] = state, time.perf_counter()
+        self.watched = index if self.watched is None else self.watched
+        return state
+
+    # ------------------------------------------------------------- retirement
+    def retire(self, trainer: pl.Trainer, pl_module: pl.LightningModule, slots: list[int]) -> None:
+        """Ends the items in ``slots``: level maps, successors, and stage and image ends."""
+        pool, logged = pl_module.pool, {}
+        for slot in slots:
+            item = pool.items[slot]
+            state = self.images[item.image]
+            state.steps += pool.own_steps(slot)
+            mask, superimposed = pool.retire(slot, pl_module.size_of(item))
+            state.running -= 1
+            if item.image == self.watched:
+                logged.setdefault(f"masks/stage{item.stage}/level{item.level}", []).append(superimposed)
+            pl_module.end_item(state, item, mask, superimposed)
+            state.pending.extend(successors(pl_module.chains, item))
+            if not state.running and not state.pending:
+                self.end_stage(trainer, pl_module, state)
+        self.log_masks(trainer, pl_module, logged)
+
+    def end_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: ImageState) -> None:
+        pl_module.end_stage(state)
+        if self.stop_probability is not None:
+            state.kept = pl_module.remaining_probability(state) >= self.stop_probability
+        if state.stage + 1 < self.stages and state.kept:
+            state.stage += 1
+            pl_module.begin_stage(state)
+            state.pending = first_items(pl_module.chains, state.key, state.stage)
+        else:
+            self.finish(trainer, pl_module, state)
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: ImageState) -> None:
+        """Fuses the image's stage maps and hands its explanation to the writer."""
+        fused = pl_module.fuse(state)
+        names = pl_module.class_names
+        row = {
+            "name": state.name,
+            "image": state.path,
+            "target": state.target,
+            "class_name": names[state.target] if names and state.target < len(names) else str(state.target),
+            "logit": float(state.logit),
+            "masked_logit": float(fused["masked_logit"]),
+            "stages": len(state.stage_maps),
+            "steps": state.steps,
+            "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),
+        }
+        pl_module.finished.append(Explanation(state.name, state.path, fused["map"], fused["stage_maps"], row))
+        pl_module.counts["images_done"] += 1
+        del self.images[state.key]
+
+    # --------------------------------------------------------------------- ranks
     def every_rank_done(self, trainer: pl.Trainer, done: bool) -> bool:
         """Whether no rank has an image left; all ranks stop together.
 
-        Ranks explain different numbers of images and levels converge after different numbers of
-        steps, so a rank that is done takes empty steps (its ``global_step`` still advances) and
-        the ranks agree on stopping only at global steps that are multiples of ``check_every``:
-        the same steps on every rank, so the collective pairs up, and no per-step host sync.
+        Ranks explain different numbers of images, so a rank that is done takes empty steps (its
+        ``global_step`` still advances) and the ranks agree on stopping only at global steps that
+        are multiples of ``check_every``: the same steps on every rank, so the collective pairs up,
+        and no per-step host sync.
         """
         if trainer.world_size == 1:
             return done
@@ -172,150 +249,120 @@ class HDMSchedule(Callback):
     @staticmethod
     def log_every_rank(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Each rank's mean item loss, gathered to rank 0 (loggers write from rank 0 only)."""
-        busy = pl_module.last_loss is not None and not pl_module.idle
-        loss = pl_module.last_loss.mean() if busy else torch.tensor(float("nan"), device=pl_module.device)
+        rows = [slot for slot in pl_module.pool.in_flight()]
+        loss = (pl_module.pool.loss[rows].mean() if rows and pl_module.pool.clock > 0
+                else torch.tensor(float("nan"), device=pl_module.device))
         losses = trainer.strategy.all_gather(loss)  # (world,)
         if trainer.is_global_zero:
             metrics = {f"rank{r}/loss": value for r, value in enumerate(losses.tolist()) if value == value}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def start_next_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Loads the next images of this rank that are not done; False when none is left."""
-        datamodule = trainer.datamodule
-        while True:
-            pending = []
-            while self.queue and len(pending) < datamodule.batch_size:
-                index = self.queue.pop(0)
-                if not self.run.is_done(datamodule.records[index].name):
-                    pending.append(index)
-            if not pending:
-                return False
-            batch = datamodule.batch(pending)
-            for index, error in batch["failed"]:
-                self.failed.append(datamodule.records[index].path)
-                self.run.record_failure(datamodule.records[index].path, error)
-            if batch["indices"]:
-                break
-        self.batch, self.batch_steps, self.seconds, self.clock = batch["indices"], 0, 0.0, time.perf_counter()
-        self.names = [datamodule.records[i].name for i in self.batch]
-        try:
-            pl_module.begin_batch(batch["images"], batch["targets"])
-        except ValueError as error:  # a target the classifier does not have
-            raise ValueError(f"data.images {datamodule.images}: images {self.names}: {error}") from error
-        self.begin_stage(trainer, pl_module, 0)
-        return True
-
-    def begin_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: int) -> None:
-        self.stage = stage
-        pl_module.begin_stage(stage)
-        if stage == 0:
-            self.kept = torch.ones(len(self.batch), dtype=torch.bool, device=pl_module.device)
-        self.begin_level(trainer, pl_module, 0)
-
-    def begin_level(self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: int) -> None:
-        self.level, self.step = level, 0
-        pl_module.begin_level(level)
-        pl_module.active &= self.kept[None]  # images the stopping rule stopped are not optimised
-        self.best = torch.full(pl_module.active.shape, float("inf"), device=pl_module.device)
-        self.since = torch.zeros(pl_module.active.shape, dtype=torch.long, device=pl_module.device)
-        trainer.strategy.setup_optimizers(trainer)  # Adam for the new masks
-
-    def next_level(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.log_masks(trainer, pl_module)
-        pl_module.end_level()
-        if self.level + 1 < pl_module.num_levels:
-            return self.begin_level(trainer, pl_module, self.level + 1)
-        pl_module.end_stage(self.kept)
-        if self.stop_probability is not None:
-            self.kept &= pl_module.remaining_probability() >= self.stop_probability
-        if self.stage + 1 < self.stages and bool(self.kept.any()):
-            return self.begin_stage(trainer, pl_module, self.stage + 1)
-        self.finish_batch(trainer, pl_module)
-
-    def finish_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fuses the stage maps and hands each image's explanation to the writer."""
-        fused = pl_module.fuse()
-        self.seconds += time.perf_counter() - self.clock
-        records = [trainer.datamodule.records[i] for i in self.batch]
-        names = pl_module.class_names
-        for n, record in enumerate(records):
-            target = int(pl_module.original_targets[n])
-            row = {
-                "name": record.name,
-                "image": record.path,
-                "target": target,
-                "class_name": names[target] if names and target < len(names) else str(target),
-                "logit": float(pl_module.original_reference[n]),
-                "masked_logit": float(fused["masked_logit"][n]),
-                "stages": int(fused["stages_run"][n]),
-                "steps": self.batch_steps,
-                "seconds": round(self.seconds / len(records), 3),
-            }
-            pl_module.finished.append(
-                Explanation(record.name, record.path, fused["map"][n], fused["stage_maps"][n], row)
-            )
-        self.batch = None
-
-    def log_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The first image's superimposed masks of the level that ends, for the dashboard."""
-        if not any(hasattr(logger, "log_image") for logger in trainer.loggers):
+    def log_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, logged: dict[str, list[Tensor]]) -> None:
+        """The watched image's superimposed masks of the levels that end, for the dashboard."""
+        if not logged or not any(hasattr(logger, "log_image") for logger in trainer.loggers):
             return
         size = pl_module.stage_input.shape[-2:]
-        chains = list(range(len(pl_module.masks)))
-        masks = [upsample(p[:1].detach(), size)[0].cpu().numpy() for p in pl_module.superimposed(chains)]
-        captions = [f"chain {c}: {pl_module.chains[c].sizes[self.level]}" for c in pl_module.chain_ids]
-        log_images(trainer, f"masks/stage{self.stage}/level{self.level}", masks, captions)
+        for key, masks in logged.items():
+            pictures = [upsample(p[None], size)[0].cpu().numpy() for p in masks]
+            log_images(trainer, key, pictures, [f"{p.shape[-1]} cells" for p in masks])
 
     # ------------------------------------------------------------------ persistence
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Places a checkpoint's images in flight; drops those that have a map now or left the inputs."""
+        pool, records = pl_module.pool, trainer.datamodule.records
+        index = {r.name: i for i, r in enumerate(records)}
+        states = [ImageState.from_state_dict(s, pl_module.device) for s in self.saved]
+        keys = {s.key: index.get(s.name) for s in states}  # record indices may have moved
+        for slot, item in pool.in_flight().items():
+            key = keys.get(item.image)
+            if key is None or self.run.is_done(records[key].name):
+                pool.retire(slot, pl_module.size_of(item))
+            else:
+                pool.items[slot] = Item(key, item.stage, item.chain, item.level)
+        pool.changed()
+        now = time.perf_counter()
+        for state in states:
+            key = keys[state.key]
+            if key is None:
+                rank_zero_warn(f"HDMSchedule: {state.name} is no longer among the inputs; dropping its work")
+            elif not self.run.is_done(state.name):
+                state.key, state.pending = key, [Item(key, i.stage, i.chain, i.level) for i in state.pending]
+                pl_module.image_rows(trainer.datamodule.batch_size, tuple(state.image.shape))
+                pl_module.load_stage(state)
+                self.images[key], self.started[key] = state, now - state.seconds
+        self.saved = []
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch, "names": self.names, "failed": self.failed, "stage": self.stage, "level": self.level,
-            "step": self.step, "batch_steps": self.batch_steps,
-            "seconds": self.seconds + time.perf_counter() - self.clock,
-            "best": self.best.cpu(), "since": self.since.cpu(), "kept": self.kept.cpu(),
-        }
+        now = time.perf_counter()
+        for key, state in self.images.items():
+            state.seconds = now - self.started[key]
+        return {"images": [state.state_dict() for state in self.images.values()], "failed": self.failed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, value in state_dict.items():  # keys a newer version added keep their defaults
-            setattr(self, key, value)
-        self.failed = [f for f in self.failed if isinstance(f, str)]
+        self.saved = list(state_dict.get("images", []))
+        self.failed = [f for f in state_dict.get("failed", []) if isinstance(f, str)]
 
 
 class MapWriter(Callback):
     """Writes finished explanations (maps, stage maps, overlay, index row) and logs the overlays.
 
-    Each rank writes the images it explained, so every image is written once, by its owner.
+    Each rank writes the images it explained, so every image is written once, by its owner, and
+    appends its rows to its own index file; ``index.jsonl`` is their merge, rewritten at the start
+    and the end of a run and at most every ``merge_seconds`` in between.
+
+    Args:
+        out_dir: the run folder.
+        merge_seconds: least time between two merges of the index during a run.
     """
 
-    def __init__(self, out_dir: str = "runs/hdm") -> None:
+    def __init__(self, out_dir: str = "runs/hdm", merge_seconds: float = 30.0) -> None:
         self.run = RunFolder(out_dir)
+        self.merge_seconds = merge_seconds
         self.written = 0
+        self.merged = 0.0  # perf_counter of the last merge
         self.logged: set[str] = set()  # overlays this rank sent to the loggers
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:  # rows of a killed run's images without a map go
+            self.merge()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.flush(trainer, pl_module)
+        if self.flush(trainer, pl_module) and time.perf_counter() - self.merged > self.merge_seconds:
+            self.merge()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
+        if trainer.is_global_zero:  # every rank has written its images before the ranks stop together
+            self.merge()
         if trainer.world_size > 1 and trainer.is_global_zero:  # the other ranks' images, from the run folder
             for name, row in self.run.read_index().items():
                 if name not in self.logged:
                     self.log_overlay(trainer, name, row)
 
-    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def merge(self) -> None:
+        self.run.merge_index()
+        self.merged = time.perf_counter()
+
+    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Writes the finished explanations; returns how many."""
+        count = 0
         while pl_module.finished:
             explanation = pl_module.finished.pop(0)
             picture = load_image(explanation.path)
-            self.run.write(explanation.name, picture, explanation.fused, explanation.stage_maps, explanation.row)
+            self.run.write(explanation.name, picture, explanation.fused, explanation.stage_maps, explanation.row,
+                           rank=trainer.global_rank)
             self.written += 1
+            count += 1
             self.log_overlay(trainer, explanation.name, explanation.row)
+        return count
 
     def log_overlay(self, trainer: pl.Trainer, name: str, row: dict) -> None:
         self.logged.add(name)
@@ -330,4 +377,3 @@ class MapWriter(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.written = state_dict.get("written", 0)
-

@@ -15,6 +15,9 @@ import uuid
 import warnings
 from pathlib import Path
 
+import torch
+import yaml
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -45,7 +48,10 @@ class HDMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out_dir", default="runs/hdm", help="run folder: maps, overlays, index, checkpoints")
-        parser.add_argument("--resume", type=bool, default=True, help="continue from <out_dir>/checkpoints/last.ckpt")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="continue the images in flight from the newest checkpoint (false: start them over)")
+        parser.add_argument("--engine.max_items", type=int, default=16,
+                            help="most items (one level of one chain of one image) optimised at once")
         parser.add_lightning_class_args(HDMSchedule, "schedule")
         parser.add_lightning_class_args(MapWriter, "writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -55,13 +61,14 @@ class HDMCLI(LightningCLI):
         parser.link_arguments("out_dir", "trainer.default_root_dir")
         parser.link_arguments("data.mean", "model.mean")
         parser.link_arguments("data.std", "model.std")
+        parser.link_arguments("engine.max_items", "model.max_items")
         parser.set_defaults(
             {
                 "checkpoint.every_n_train_steps": 100,
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 0,
                 "checkpoint.enable_version_counter": False,  # always last.ckpt, which a resume reads
-                "trainer.max_epochs": 1,
+                "trainer.max_epochs": -1,  # the schedule stops the run; a finished run's checkpoint must not end a rerun
                 "trainer.log_every_n_steps": 10,
                 "trainer.enable_model_summary": False,
                 "trainer.logger": {
@@ -163,10 +170,11 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=False,
     )
     out_dir = cli.config.out_dir
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cli.parser.save(cli.config, str(Path(out_dir) / "config.yaml"), overwrite=True, skip_validation=True)
+    try:
+        checkpoint = prepare_run_folder(cli)
+    except RunFolderError as error:
+        raise SystemExit(f"error: {error}") from None
     rejected = reject_bad_inputs(cli.datamodule, cli.model.classifier, RunFolder(out_dir), cli.trainer.is_global_zero)
-    checkpoint = resume_path(out_dir, cli.config.resume, cli.trainer.world_size)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
     finish_wandb(cli.trainer)
     if cli.trainer.is_global_zero:  # every rank has written its images before the ranks stop together
@@ -182,6 +190,109 @@ def reject_bad_inputs(datamodule: ExplanationDataModule, classifier, run: RunFol
         for record, reason in failed:
             run.record_failure(record.path, reason)
     return len(failed)
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked; the message says why and what to do, in one line."""
+
+
+def prepare_run_folder(cli: HDMCLI) -> str | None:
+    """Checks and stores the folder's configuration, and picks the checkpoint to resume; before any work.
+
+    The folder's ``config.yaml`` is the configuration that made its maps: a run whose settings
+    differ in a key that can change a map (:data:`IGNORED`) is refused. ``--resume false`` removes
+    the checkpoints of the images in flight (also SLURM's ``hpc_ckpt_*``, which Lightning would
+    otherwise load by itself). Returns the checkpoint to resume from, or None.
+    """
+    out_dir = Path(cli.config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    current = yaml.safe_load(cli.parser.dump(cli.config, skip_validation=True))
+    stored_path = out_dir / "config.yaml"
+    has_work = any((out_dir / "maps").glob("*.npy")) or bool(in_flight_checkpoints(out_dir))
+    if stored_path.is_file() and has_work:
+        stored = yaml.safe_load(stored_path.read_text()) or {}
+        differing = config_differences(stored, current)
+        if differing:
+            raise RunFolderError(
+                f"{out_dir} holds maps or work made with another configuration (differing keys: "
+                f"{', '.join(differing)}; stored in {stored_path}); use a new --out_dir, or delete {out_dir} to start over"
+            )
+    elif cli.trainer.is_global_zero:
+        cli.parser.save(cli.config, str(stored_path), overwrite=True, skip_validation=True)
+    if not cli.config.resume:
+        for path in in_flight_checkpoints(out_dir):
+            path.unlink(missing_ok=True)
+    checkpoint = resume_path(str(out_dir), cli.config.resume, cli.trainer.world_size)
+    if checkpoint is not None:
+        check_checkpoint(rank_path(checkpoint, cli.trainer.global_rank, cli.trainer.world_size), cli.model)
+    return checkpoint
+
+
+#: Settings that cannot change a map (where the work runs, how it is logged and checkpointed, which
+#: images, how many at once); a folder accepts a run that differs from its configuration only in these.
+IGNORED = (
+    "out_dir", "resume", "config", "seed_everything", "data.images", "data.batch_size", "engine.", "model.chunk_size",
+    "model.compile", "model.channels_last", "checkpoint.", "writer.", "trainer.logger", "trainer.devices",
+    "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.plugins", "trainer.callbacks",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.enable_checkpointing",
+    "trainer.log_every_n_steps", "trainer.default_root_dir", "trainer.max_time", "trainer.max_steps",
+    "trainer.max_epochs", "trainer.profiler", "trainer.deterministic", "trainer.benchmark",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted keys of a nested configuration.
+
+    Example:
+        >>> flatten({"model": {"lr": 0.1, "classifier": {"class_path": "A"}}, "out_dir": "x"})
+        {'model.lr': 0.1, 'model.classifier.class_path': 'A', 'out_dir': 'x'}
+    """
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """Keys (dotted) whose values differ between two configurations, other than :data:`IGNORED` ones.
+
+    Example:
+        >>> config_differences({"model": {"lr": 0.1}, "out_dir": "a"}, {"model": {"lr": 0.2}, "out_dir": "b"})
+        ['model.lr']
+    """
+    old, new = flatten(stored), flatten(current)
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k) and not ignored(k)]
+
+
+def ignored(key: str) -> bool:
+    """Whether ``key`` is one of :data:`IGNORED` or below one (an entry ending in a dot is a section)."""
+    return any(key == i or key.startswith(i if i.endswith(".") else f"{i}.") for i in IGNORED)
+
+
+def in_flight_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoints of images in flight: ``checkpoints/last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
+    return [*(out_dir / "checkpoints").glob("last*.ckpt"), *out_dir.glob("hpc_ckpt_*.ckpt")]
+
+
+def check_checkpoint(path: Path, model: MaskExplainer) -> None:
+    """One clear line for a checkpoint that cannot be resumed (unreadable, older engine, other pool size)."""
+    advice = "delete it (or run with --resume false) to start the images in flight over; finished maps are kept"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise RunFolderError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); {advice}") from None
+    if "pool.steps" not in state:
+        raise RunFolderError(f"checkpoint {path} was written by an older version of the engine; {advice}")
+    capacity = len(state["pool.steps"])
+    if capacity != model.pool.capacity:
+        raise RunFolderError(f"checkpoint {path} holds {capacity} items (engine.max_items={capacity}), this run "
+                             f"{model.pool.capacity}; resume with --engine.max_items={capacity}, or {advice}")
 
 
 def finish_wandb(trainer) -> None:

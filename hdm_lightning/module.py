@@ -1,20 +1,22 @@
-"""The LightningModule of an explanation: its parameters are the masks of the current level.
+"""The LightningModule of an explanation run: its parameters are the mask pool.
 
-One optimisation step is one Lightning training step. :class:`~hdm_lightning.callbacks.HDMSchedule`
-moves the module through images, stages and levels with ``begin_*``/``end_*``; the tensors that
-carry a batch through the method (stage inputs, previous levels, maps so far) are buffers, so a
-checkpoint holds everything a resume needs. The classifier is frozen, kept in eval mode and left
-out of checkpoints.
+One optimisation step is one Lightning training step: every item in flight (one level of one chain
+of one image in one stage, :mod:`hdm_lightning.pool`) is sent through the frozen classifier in one
+batch (split by ``chunk_size``), and each item's Adam moments and step count are its own.
+:class:`~hdm_lightning.callbacks.HDMSchedule` admits and retires items; the per-image steps of the
+method (a stage begins, an item ends, a stage ends, the stage maps are fused) are the methods of
+this module that take an :class:`ImageState`, and their maths is in :mod:`hdm_lightning.masks`.
 
-Masks of different images and chains never share a parameter element, and the loss is a sum of
-per-item terms, so each mask's gradient is its own: a batch of images gives each image the result
-it gets alone. Several processes run under :class:`~hdm_lightning.strategy.IndependentRanksStrategy`,
-which never wraps the module in ``DistributedDataParallel``: each rank optimises the masks of its
-own images, and DDP's gradient averaging would mix different images' masks.
+Masks of different items never share a parameter element and the loss is a sum of per-item terms,
+so each item's gradient is its own. Several processes run under
+:class:`~hdm_lightning.strategy.IndependentRanksStrategy`, which never wraps the module in
+``DistributedDataParallel``: each rank optimises the masks of its own images, and DDP's gradient
+averaging would mix them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -29,14 +31,59 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
+from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, item_size, sharing
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy
 from hdm_lightning.targets import KeepTarget, TargetPolicy
 
-#: Buffers that carry one batch through the method; rebuilt from a checkpoint's shapes.
-BATCH_BUFFERS = (
-    "images", "substrate", "stage_input", "targets", "original_targets", "reference", "floor",
-    "original_reference", "active", "previous_maps", "stage_sum", "stage_maps",
-)
+
+@dataclass
+class ImageState:
+    """What one image in flight needs between its items: its stage, the maps so far, the logits.
+
+    ``slot`` is its row in the module's image buffers (stage input, substrate, target, logits).
+    """
+
+    key: int  # record index
+    name: str
+    path: str
+    slot: int
+    image: Tensor  # (C, H, W), normalised
+    target: int  # the class explained (top-1 where the input gave none)
+    logit: Tensor  # f_c(x), 0-d
+    stage: int = 0
+    stage_target: int = -1  # class of the current stage (target policy)
+    reference: Tensor | None = None  # f_c(x^(t)), 0-d
+    floor: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
+    stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
+    references: list[Tensor] = field(default_factory=list)  # f_c(x^(t)) of each finished stage
+    stage_sum: Tensor | None = None  # Σ level maps of the current stage, (H, W)
+    previous: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # chain -> (P_l, M_l)
+    pending: list[Item] = field(default_factory=list)  # items waiting for a free row
+    running: int = 0  # items in the pool
+    kept: bool = True  # false once the stopping rule has stopped the image
+    steps: int = 0  # optimisation steps of its items
+    seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: move(v, torch.device("cpu")) for k, v in vars(self).items() if k != "pending"}
+        state["pending"] = [(i.image, i.stage, i.chain, i.level) for i in self.pending]
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> ImageState:
+        values = {k: move(v, device) for k, v in state.items() if k != "pending"}
+        return cls(**values, pending=[Item(*p) for p in state["pending"]])
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (lists, tuples, dicts) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
 
 
 class MaskExplainer(LightningModule):
@@ -66,8 +113,11 @@ class MaskExplainer(LightningModule):
         fusion: how stage maps are fused; None means :class:`EvidenceFusion` (each stage weighted
             by the evidence its regions hold); :class:`SumFusion` is the reference's equal sum.
         chunk_size: most masked images per classifier forward (gradients accumulate over
-            chunks); None puts the whole level in one batch. Bounds memory; on a CPU, small
-            batches of 6-8 images are also faster per image.
+            chunks); None sends every item in flight in one batch. Bounds memory.
+        max_items: most items in flight (``engine.max_items``): the pool's rows per mask size.
+        compile: run the classifier through ``torch.compile``; batches are then padded to
+            ``chunk_size`` (or ``max_items``) so that their shape never changes.
+        channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
         mean: normalisation mean of the classifier input (linked from the data settings).
         std: normalisation std of the classifier input (linked from the data settings).
     """
@@ -88,6 +138,9 @@ class MaskExplainer(LightningModule):
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
         chunk_size: int | None = None,
+        max_items: int = 16,
+        compile: bool = False,
+        channels_last: bool = False,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
@@ -106,8 +159,13 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
         self.classifier = freeze(classifier if classifier is not None else EfficientNetLite0())
+        if channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
+        # a plain attribute, not a second registered copy of the classifier
+        object.__setattr__(self, "forward_classifier", torch.compile(self.classifier) if compile else self.classifier)
         self.chains = M.build_chains(list(benchmark_sizes), list(block_factors), max_size)
-        self.num_levels = M.num_levels(self.chains)
+        self.pool = MaskPool([s for c in self.chains for s in c.sizes], max_items, init_value)
+        self.register_buffer("item_image", torch.zeros(max_items, dtype=torch.long))  # image row of each item
         self.target_policy = target_policy or KeepTarget()
         self.consistency = consistency or EvidenceConsistency()
         self.fusion = fusion or EvidenceFusion()
@@ -115,48 +173,62 @@ class MaskExplainer(LightningModule):
         self.strict_loading = False  # checkpoints leave the frozen classifier out
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
-        self.masks = nn.ParameterList()
-        self.stage, self.level, self.chain_ids = -1, -1, []
-        self.last_loss: Tensor | None = None  # (K, N) losses of the last step
-        self.live: list[int] | None = None  # chains with an active item; None: recompute
-        self.explaining = True  # HDMSchedule clears it when no image is left on any rank
-        self.idle = False  # HDMSchedule sets it when this rank is done but another one is not
         self.finished: list = []  # explanations the schedule finished, for MapWriter
+        self.counts = {"images_total": 0, "images_done": 0, "images_failed": 0}  # kept by HDMSchedule
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
 
     # ----------------------------------------------------------------- the optimisation step
-    def superimposed(self, chains: list[int]) -> list[Tensor]:
-        """``P_l`` of the level's chains ``chains`` (positions in ``chain_ids``), ``(N, s_l, s_l)`` each."""
-        return [
-            M.superimpose(
-                self.previous_mask(self.chain_ids[i]) if self.level > 0 else None,
-                self.masks[i],
-                self.chains[self.chain_ids[i]].block,
-            )
-            for i in chains
-        ]
+    def size_of(self, item: Item) -> int:
+        return item_size(self.chains, item)
 
-    def item_losses(self, chains: list[int]) -> Tensor:
-        """Loss of the (chain, image) items of the level's chains ``chains``, ``(k, N)``."""
+    def item_losses(self, logit: Tensor, trainable: list[Tensor], images: Tensor) -> Tensor:
+        """The loss of each item (``HDM-METHOD.md`` section 1), ``(k,)``: the one place its form lives.
+
+        Args:
+            logit: ``f_c`` of each item's masked image, ``(k,)``.
+            trainable: the items' trainable masks ``a_l``, one ``(k_s, s, s)`` tensor per size, in
+                the order of ``logit``.
+            images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``
+                and ``self.floor[images]`` ``f_c`` of the stage's substrate alone.
+        """
+        sparsity = torch.cat([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in trainable])
+        return self.consistency(logit, self.reference[images], self.floor[images]) + sparsity
+
+    def chunk_losses(self, chunk: list[Group]) -> Tensor:
+        """Losses of one classifier batch of items, ``(k,)``."""
+        images = self.item_image[self.pool.slots(chunk)]  # (k,)
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
-            size = self.stage_input.shape[-2:]
-            kept = torch.stack([M.upsample(p, size) for p in self.superimposed(chains)])  # (k, N, H, W)
-        k, n = kept.shape[:2]
-        difference = (self.stage_input - self.substrate)[None]  # (1, N, C, H, W)
-        masked = (self.substrate[None] + difference * kept[:, :, None]).flatten(0, 1)  # (k·N, C, H, W)
-        logit = self.target_logit(masked, self.targets.repeat(k)).view(k, n)
-        sparsity = torch.stack([M.sparsity_loss(self.masks[i], self.hparams.sparsity_weight) for i in chains])
-        return self.consistency(logit, self.reference, self.floor) + sparsity
+            kept = self.pool.kept(chunk, self.stage_input.shape[-2:])  # (k, H, W)
+            masked = M.apply_mask(self.stage_input[images], kept, self.substrate[images])  # (k, C, H, W)
+        logit = self.target_logit(masked, self.target[images])
+        return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images)
 
-    def chain_chunks(self) -> list[list[int]]:
-        """The level's chains that still have an active item, in groups whose items fit in one
-        classifier batch of ``chunk_size`` (at least one chain, i.e. ``N`` images, per group)."""
-        if self.live is None:  # refreshed after each convergence check: one host sync per check
-            self.live = [i for i, active in enumerate(self.active.any(dim=1).tolist()) if active]
-        per_chunk = len(self.live)
-        if self.hparams.chunk_size is not None:
-            per_chunk = max(1, self.hparams.chunk_size // self.stage_input.shape[0])
-        return [self.live[i : i + per_chunk] for i in range(0, len(self.live), per_chunk)]
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.trainer.should_stop else None  # -1 ends the epoch: HDMSchedule found no work left
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        optimiser = self.optimizers()
+        optimiser.zero_grad()
+        if len(self.pool) == 0:  # an idle rank: an empty step keeps global_step equal on all ranks
+            optimiser.step()
+            return None
+        losses = []
+        for chunk in self.pool.chunks(self.size_of, self.hparams.chunk_size):  # gradients accumulate
+            chunk_loss = self.chunk_losses(chunk)
+            self.manual_backward(chunk_loss.sum())  # a sum: each item's gradient is its own
+            self.pool.record(chunk, chunk_loss)
+            losses.append(chunk_loss.detach())
+        optimiser.step()
+        loss = torch.cat(losses).mean()
+        rank = f"rank{self.global_rank}/" if self.trainer.world_size > 1 else ""  # ranks explain different images
+        self.log(f"{rank}loss", loss, on_step=True)
+        return loss
+
+    @override
+    def configure_optimizers(self):
+        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp)
 
     @override
     def setup(self, stage: str) -> None:
@@ -172,49 +244,18 @@ class MaskExplainer(LightningModule):
                 "trainer.precision=16-mixed cannot run on several ranks; use bf16-mixed or 32-true"
             )
 
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        return None if self.explaining else -1  # -1 ends the epoch: every image is done
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        optimiser = self.optimizers()
-        if self.idle:  # an empty step keeps global_step, which collectives are keyed to, equal on all ranks
-            optimiser.zero_grad()
-            optimiser.step()  # no gradient: nothing changes
-            return None
-        before = [a.detach().clone() for a in self.masks]
-        optimiser.zero_grad()  # chains without an active item get no gradient: Adam skips them
-        losses = self.last_loss.clone() if self.last_loss is not None else self.active.new_zeros(
-            self.active.shape, dtype=torch.float32)  # (K, N); converged items keep their last loss
-        for chains in self.chain_chunks():  # gradients accumulate over chunks
-            chunk = self.item_losses(chains)  # (k, N)
-            self.manual_backward(chunk.sum())  # a sum: each item's gradient is its own
-            losses[chains] = chunk.detach()
-        optimiser.step()
-        self.project(before)
-        self.last_loss = losses
-        rank = f"rank{self.global_rank}/" if self.trainer.world_size > 1 else ""  # ranks explain different images
-        self.log(f"{rank}stage{self.stage}/level{self.level}/loss", losses.mean(), on_step=True)
-        return losses.sum()
-
-    @torch.no_grad()
-    def project(self, before: list[Tensor]) -> None:
-        """Clamp to ``[0, 1]`` and keep converged items where they stopped."""
-        for a, old, active in zip(self.masks, before, self.active):
-            new = a.clamp(0, 1) if self.hparams.clamp else a
-            a.copy_(torch.where(active[:, None, None], new, old))
-
-    @override
-    def configure_optimizers(self):
-        if len(self.masks) == 0:
-            return None  # between batches; HDMSchedule sets up Adam when a level begins
-        return torch.optim.Adam(self.masks.parameters(), lr=self.hparams.lr)
-
     # ---------------------------------------------------------------- classifier helpers
     def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
-        """``f_c(x)`` for each image, float32, ``(N,)``."""
-        return self.classifier(images).float().gather(1, targets[:, None])[:, 0]
+        """``f_c(x)`` for each image, float32, ``(N,)``. With ``compile`` the batch is padded to a
+        fixed size (the padding rows carry no gradient and are dropped)."""
+        count = images.shape[0]
+        if self.hparams.compile:
+            fixed = self.hparams.chunk_size or self.hparams.max_items
+            padding = (-count) % fixed
+            images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))]) if padding else images
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.forward_classifier(images)[:count].float().gather(1, targets[:, None])[:, 0]
 
     def make_substrate(self, images: Tensor) -> Tensor:
         if self.hparams.substrate == "mean":
@@ -222,111 +263,124 @@ class MaskExplainer(LightningModule):
         sigma = self.hparams.blur_sigma
         return gaussian_blur(images, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
 
-    # ---------------------------------------------------------------- the schedule's calls
-    @torch.no_grad()
-    def begin_batch(self, images: Tensor, targets: Tensor) -> None:
-        """New images ``(N, C, H, W)``; targets of -1 become the model's top-1 class."""
-        images = images.to(self.device)
-        logits = self.classifier(images)
-        targets = targets.to(self.device)
-        if bool(((targets < -1) | (targets >= logits.shape[1])).any()):
-            raise ValueError(f"targets {targets.tolist()} outside [0, {logits.shape[1]}) (-1: top-1 class)")
-        top1 = logits.argmax(dim=1)
-        self.set_buffer("images", images)
-        self.set_buffer("original_targets", torch.where(targets < 0, top1, targets))
-        self.set_buffer("original_reference", self.target_logit(images, self.original_targets))
-        self.set_buffer("stage_maps", images.new_zeros((0, *images.shape[:1], *images.shape[-2:])))
-
-    @torch.no_grad()
-    def begin_stage(self, stage: int) -> None:
-        """Stage input ``x^(t)``: the image, or the image with the regions found so far removed."""
-        self.stage = stage
-        stage_input = self.images if stage == 0 else self.remaining_input()
-        logits = self.classifier(stage_input).float()
-        targets = self.original_targets if stage == 0 else self.target_policy(logits, self.original_targets)
-        n, (h, w) = stage_input.shape[0], stage_input.shape[-2:]
-        self.set_buffer("stage_input", stage_input)
-        self.set_buffer("substrate", self.make_substrate(stage_input))
-        self.set_buffer("targets", targets)
-        self.set_buffer("reference", logits.gather(1, targets[:, None])[:, 0])
-        self.set_buffer("floor", self.target_logit(self.substrate, targets))  # f_c(x_0): no evidence left
-        self.set_buffer("stage_sum", stage_input.new_zeros((n, h, w)))
-        self.set_buffer("previous_maps", stage_input.new_zeros((len(self.chains), n, h, w)))
-
-    def begin_level(self, level: int) -> None:
-        """Fresh masks ``a_l`` for every chain that has a level ``level``."""
-        self.level = level
-        self.chain_ids = M.chains_at_level(self.chains, level)
-        n = self.stage_input.shape[0]
-        self.masks = nn.ParameterList(
-            nn.Parameter(torch.full((n, s, s), self.hparams.init_value, device=self.device))
-            for s in (self.chains[c].sizes[level] for c in self.chain_ids)
-        )
-        self.set_buffer("active", torch.ones(len(self.chain_ids), n, dtype=torch.bool, device=self.device))
-        self.last_loss, self.live = None, None
-
-    @torch.no_grad()
-    def end_level(self) -> None:
-        """Freeze ``P_l`` and add the level maps ``M_l`` to the stage sum."""
-        size = self.stage_input.shape[-2:]
-        for c, a, p in zip(self.chain_ids, self.masks, self.superimposed(list(range(len(self.masks))))):
-            sharing = [c] if self.level > 0 else self.sharing_benchmark(c)
-            previous = self.previous_maps[c] if self.level > 0 else None
-            level_map = M.level_map(a.detach(), previous, size)  # (N, H, W)
-            self.stage_sum += len(sharing) * level_map  # level maps are min-max normalised already
-            for chain in sharing:
-                self.set_buffer(f"previous_mask_{chain}", p.detach().clone())
-                self.previous_maps[chain] = level_map
-
-    @torch.no_grad()
-    def end_stage(self, kept: Tensor) -> None:
-        """Stage map ``S_t = minmax(Σ level maps)``, appended to the maps so far.
-
-        Images that the stopping rule has stopped (``kept`` false) get an empty stage map.
-        """
-        stage_map = M.minmax(self.stage_sum) * kept[:, None, None]
-        self.set_buffer("stage_maps", torch.cat([self.stage_maps, stage_map[None]]))
-
-    @torch.no_grad()
-    def remaining_probability(self) -> Tensor:
-        """Softmax probability of the original class on the image with all found regions removed."""
-        probabilities = self.classifier(self.remaining_input()).float().softmax(dim=1)
-        return probabilities.gather(1, self.original_targets[:, None])[:, 0]
-
-    def fuse(self) -> dict[str, Tensor]:
-        """The fused map and the target logit on the image kept by it, per image."""
-        substrate = self.make_substrate(self.images)
-
-        def score(kept: Tensor) -> Tensor:
-            return self.target_logit(M.apply_mask(self.images, kept, substrate), self.original_targets)
-
-        fused = self.fusion(self.stage_maps, score, self.original_reference).detach()
-        with torch.no_grad():
-            masked_logit = score(fused)
-        stages_run = (self.stage_maps.flatten(2).amax(dim=2) > 0).sum(dim=0)  # (N,) stopped images: fewer
-        return {"map": fused, "stage_maps": self.stage_maps.transpose(0, 1), "masked_logit": masked_logit,
-                "stages_run": stages_run}
-
-    # ---------------------------------------------------------------------- helpers
-    def remaining_input(self) -> Tensor:
-        found = M.sum_maps(self.stage_maps)  # C_t, (N, H, W)
-        return M.remove_found(self.images, found, self.mean, self.std)
-
-    def previous_mask(self, chain: int) -> Tensor:
-        return getattr(self, f"previous_mask_{chain}")
-
-    def sharing_benchmark(self, chain: int) -> list[int]:
-        benchmark = self.chains[chain].benchmark
-        return [i for i, c in enumerate(self.chains) if c.benchmark == benchmark]
-
-    def set_buffer(self, name: str, value: Tensor) -> None:
-        self.register_buffer(name, value)
-
     @override
     def train(self, mode: bool = True) -> MaskExplainer:
         super().train(mode)
         self.classifier.eval()  # frozen: BatchNorm and dropout never switch to training
         return self
+
+    # ---------------------------------------------------------------- image rows
+    def image_rows(self, capacity: int, shape: tuple[int, ...]) -> None:
+        """Buffers of the images in flight (stage input, substrate, target, logits), ``capacity`` rows.
+
+        Not saved: a resume rebuilds them from the images' states (:meth:`load_stage`).
+        """
+        if getattr(self, "stage_input", None) is not None and self.stage_input.shape == (capacity, *shape):
+            return
+        for name, row in (("stage_input", shape), ("substrate", shape)):
+            self.register_buffer(name, torch.zeros(capacity, *row, device=self.device), persistent=False)
+        self.register_buffer("target", torch.zeros(capacity, dtype=torch.long, device=self.device), persistent=False)
+        for name in ("reference", "floor"):
+            self.register_buffer(name, torch.zeros(capacity, device=self.device), persistent=False)
+
+    def stage_input_of(self, state: ImageState) -> Tensor:
+        """``x^(t)``: the image, or the image with the regions of the stages so far removed, ``(C, H, W)``."""
+        if not state.stage_maps:
+            return state.image
+        found = M.sum_maps(torch.stack(state.stage_maps)[:, None])  # C_t, (1, H, W)
+        return M.remove_found(state.image[None], found, self.mean, self.std)[0]
+
+    @torch.no_grad()
+    def load_stage(self, state: ImageState) -> None:
+        """Fills the image's row for its current stage from its state (stage input, substrate, logits)."""
+        stage_input = self.stage_input_of(state)
+        self.stage_input[state.slot] = stage_input
+        self.substrate[state.slot] = self.make_substrate(stage_input[None])[0]
+        self.target[state.slot] = state.stage_target
+        self.reference[state.slot], self.floor[state.slot] = state.reference, state.floor
+
+    # ---------------------------------------------------------------- an image's method steps
+    @torch.no_grad()
+    def begin_image(self, key: int, name: str, path: str, slot: int, image: Tensor, target: int) -> ImageState:
+        """A new image ``(C, H, W)``; a target of -1 becomes the model's top-1 class."""
+        image = image.to(self.device)
+        logits = self.classifier(image[None]).float()[0]  # (K,)
+        if not -1 <= target < logits.shape[0]:
+            raise ValueError(f"target {target} outside [0, {logits.shape[0]}) (-1: top-1 class)")
+        target = int(logits.argmax()) if target < 0 else target
+        return ImageState(key, name, path, slot, image, target, logits[target])
+
+    @torch.no_grad()
+    def begin_stage(self, state: ImageState) -> None:
+        """Stage ``state.stage``: its target, ``f_c(x^(t))``, the floor, and its row; no item yet."""
+        stage_input = self.stage_input_of(state)
+        substrate = self.make_substrate(stage_input[None])[0]
+        logits = self.classifier(torch.stack([stage_input, substrate])).float()  # (2, K)
+        original = torch.tensor([state.target], device=self.device)
+        target = original if state.stage == 0 else self.target_policy(logits[:1], original)
+        state.stage_target = int(target[0])
+        state.reference, state.floor = logits[0, state.stage_target], logits[1, state.stage_target]
+        state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
+        state.previous = {}
+        self.load_stage(state)
+
+    @torch.no_grad()
+    def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor) -> None:
+        """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` added to the stage sum (once per chain it
+        stands for); ``P_l`` and ``M_l`` kept for the chains' next level."""
+        chains = sharing(self.chains, item)
+        previous = state.previous[item.chain][1][None] if item.level > 0 else None
+        level_map = M.level_map(mask[None], previous, state.stage_sum.shape)[0]  # (H, W)
+        state.stage_sum = state.stage_sum + len(chains) * level_map  # level maps are min-max normalised
+        for chain in chains:
+            state.previous[chain] = (superimposed, level_map)
+
+    def guide(self, state: ImageState, item: Item) -> Tensor | None:
+        """``R_b(P_{l-1})`` of an item, ``(s, s)``; None at level 0."""
+        if item.level == 0:
+            return None
+        return M.replicate(state.previous[item.chain][0], self.chains[item.chain].block)
+
+    @torch.no_grad()
+    def end_stage(self, state: ImageState) -> None:
+        """Stage map ``S_t = minmax(Σ level maps)`` appended to the image's maps, with ``f_c(x^(t))``."""
+        state.stage_maps.append(M.minmax(state.stage_sum[None])[0])
+        state.references.append(state.reference)
+        state.stage_sum, state.previous = None, {}
+
+    @torch.no_grad()
+    def remaining_probability(self, state: ImageState) -> float:
+        """Softmax probability of the image's class once every region found so far is removed
+        (called after :meth:`end_stage`)."""
+        probabilities = self.classifier(self.stage_input_of(state)[None]).float().softmax(dim=1)
+        return float(probabilities[0, state.target])
+
+    def fuse(self, state: ImageState) -> dict[str, Tensor]:
+        """The fused map of an image whose stages are over, and the target logit on the image kept by it.
+
+        The fusion gets the stages the image ran, ``(t, 1, H, W)`` (fewer than ``T`` where the
+        stopping rule stopped it).
+        """
+        image, target = state.image[None], torch.tensor([state.target], device=self.device)
+        substrate = self.make_substrate(image)
+        stage_maps = torch.stack(state.stage_maps)[:, None]  # (t, 1, H, W)
+
+        def score(kept: Tensor) -> Tensor:
+            return self.target_logit(M.apply_mask(image, kept, substrate), target)
+
+        fused = self.fusion(stage_maps, score, state.logit[None]).detach()[0]  # (H, W)
+        with torch.no_grad():
+            masked_logit = score(fused[None])[0]
+        return {"map": fused, "stage_maps": stage_maps[:, 0], "masked_logit": masked_logit}
+
+    # ---------------------------------------------------------------------- progress
+    def progress(self) -> dict[str, Any]:
+        """Images of this rank (total, done, failed) and the items in flight per stage and level."""
+        in_flight: dict[str, int] = {}
+        for item in self.pool.in_flight().values():
+            key = f"stage{item.stage}/level{item.level}"
+            in_flight[key] = in_flight.get(key, 0) + 1
+        return {**self.counts, "in_flight": in_flight}
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -334,16 +388,3 @@ class MaskExplainer(LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("classifier.")]:
             del state[key]
-        checkpoint["hdm_layout"] = {"stage": self.stage, "level": self.level, "chain_ids": self.chain_ids}
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-create masks and buffers with the checkpoint's shapes before Lightning loads them."""
-        layout = checkpoint.get("hdm_layout", {"stage": -1, "level": -1, "chain_ids": []})
-        self.stage, self.level, self.chain_ids = layout["stage"], layout["level"], list(layout["chain_ids"])
-        state = checkpoint["state_dict"]
-        count = sum(1 for k in state if k.startswith("masks."))
-        self.masks = nn.ParameterList(nn.Parameter(torch.empty_like(state[f"masks.{i}"])) for i in range(count))
-        for key, value in state.items():
-            if key in BATCH_BUFFERS or key.startswith("previous_mask_"):
-                self.set_buffer(key, torch.empty_like(value))

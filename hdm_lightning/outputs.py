@@ -5,12 +5,15 @@ Layout under ``out_dir``::
     maps/<name>.npy            fused map, float32, at the original image's resolution
     stages/<name>_stage<t>.npy every stage map, same resolution
     overlays/<name>.png        the fused map over the image
-    index.jsonl                one row per finished image
+    index.jsonl                one row per finished image (the merge of index/rank<r>.jsonl)
+    index/rank<r>.jsonl        the rows each rank appended
 
 Every file is written to a temporary name and renamed, and the fused map is written last: an
 image counts as done exactly when ``maps/<name>.npy`` exists, so a killed run never takes a
 half-written file for a finished one. Several ranks share one folder: each writes the files of its
-own images, and index rows are appended whole, one ``write`` each, so rows never interleave.
+own images and appends its rows to its own index file (appends from several nodes to one file on a
+shared filesystem are not atomic); ``index.jsonl`` is rewritten atomically from them, one row per
+image that has a map, the latest where a killed run had written a row twice.
 """
 
 from __future__ import annotations
@@ -85,8 +88,12 @@ class RunFolder:
     def is_done(self, name: str) -> bool:
         return self.map_path(name).is_file()
 
-    def write(self, name: str, picture: Image.Image, fused: Tensor, stage_maps: Tensor, row: dict) -> None:
-        """Stage maps, overlay and index row first; the fused map, the 'done' marker, last."""
+    def write(self, name: str, picture: Image.Image, fused: Tensor, stage_maps: Tensor, row: dict,
+              rank: int | None = None) -> None:
+        """Stage maps, overlay and index row first; the fused map, the 'done' marker, last.
+
+        With a ``rank`` the row goes to that rank's index file (see :meth:`merge_index`).
+        """
         height, width = picture.height, picture.width
         for t, stage_map in enumerate(stage_maps):
             stage_array = resize_map(stage_map, height, width)
@@ -95,19 +102,26 @@ class RunFolder:
         png = io.BytesIO()
         overlay(picture, fused_array).save(png, format="PNG")
         atomic_write_bytes(self.root / "overlays" / f"{name}.png", png.getvalue())
-        self.append_index(row)
+        self.append_index(row, rank)
         atomic_write_bytes(self.map_path(name), npy_bytes(fused_array))
 
-    def append_index(self, row: dict) -> None:
-        append_line(self.root / "index.jsonl", row)
+    def append_index(self, row: dict, rank: int | None = None) -> None:
+        append_line(self.root / "index.jsonl" if rank is None else self.rank_index(rank), row)
+
+    def rank_index(self, rank: int) -> Path:
+        return self.root / "index" / f"rank{rank}.jsonl"
 
     def read_index(self) -> dict[str, dict]:
-        """Rows by image name; a row repeated by a resumed run keeps its latest version."""
-        path = self.root / "index.jsonl"
-        if not path.is_file():
-            return {}
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Rows by image name, of images that have a map: ``index.jsonl`` and the ranks' index files;
+        a row written twice (a kill between row and map) keeps its latest version."""
+        paths = [self.root / "index.jsonl", *sorted((self.root / "index").glob("rank*.jsonl"))]
+        rows = [json.loads(line) for p in paths if p.is_file() for line in p.read_text().splitlines() if line.strip()]
         return {row["name"]: row for row in rows if self.is_done(row["name"])}
+
+    def merge_index(self) -> None:
+        """Rewrites ``index.jsonl`` atomically: one row per image with a map."""
+        rows = "".join(json.dumps(row) + "\n" for row in self.read_index().values())
+        atomic_write_bytes(self.root / "index.jsonl", rows.encode())
 
     def load_map(self, name: str) -> np.ndarray:
         return np.load(self.map_path(name))

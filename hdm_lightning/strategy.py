@@ -52,7 +52,14 @@ class IndependentRanksStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Every rank writes its own file: its masks and schedule differ from the others'."""
+        """Every rank writes its own file: its masks and schedule differ from the others'.
+
+        SLURM's ``hpc_ckpt_<n>`` files are numbered by global step: Lightning numbers them after the
+        files it finds, which differ between ranks as they write (and it reads a rank suffix's digits
+        as part of the number), so the ranks' files of one requeue would get different names.
+        """
+        if Path(filepath).name.startswith("hpc_ckpt_"):
+            filepath = Path(filepath).with_name(f"hpc_ckpt_{checkpoint['global_step']}.ckpt")
         self.checkpoint_io.save_checkpoint(checkpoint, self.own_path(filepath), storage_options=storage_options)
 
     @override

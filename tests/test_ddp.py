@@ -124,6 +124,59 @@ def test_killed_two_process_run_resumes_with_the_same_command(images, one_proces
     assert written_by_rank(out) == [2, 1]
 
 
+class RequeueAt(Callback):
+    """SLURM's preemption, step-aligned: SIGUSR1 to each rank at global step ``at`` (Lightning writes
+    its ``hpc_ckpt`` and calls ``scontrol requeue``), then the job is killed one step later."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        elif trainer.global_step == self.at + 1:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def slurm_job(images, out_dir, bin_dir, *extra) -> subprocess.CompletedProcess:
+    """Two ranks started as SLURM starts the tasks of one job (no Lightning launcher), in one process group."""
+    job = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_ID": str(3000 + os.getpid() % 5000), "SLURM_JOB_NAME": "hdm", "MASTER_ADDR": "127.0.0.1"}
+    ranks = " & ".join(
+        f"SLURM_PROCID={r} SLURM_LOCALID={r} " + " ".join(f"'{a}'" for a in command(images, out_dir, *extra))
+        for r in (0, 1)
+    )
+    environment = {**os.environ, **job, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                   "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", f"{ranks} & wait"], env=environment, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_requeued_two_rank_slurm_job_resumes_each_rank_from_its_own_file(images, one_process, tmp_path):
+    bin_dir = tmp_path / "bin"  # a stand-in for SLURM's scontrol that records the requeue
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued.txt'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    out = tmp_path / "job"
+    extra = ("--trainer.devices=2", "--trainer.strategy=ddp_independent", "--checkpoint.every_n_train_steps=100")
+    slurm_job(images, out, bin_dir, *extra, "--trainer.callbacks+=tests.test_ddp.RequeueAt",
+              "--trainer.callbacks.at=47")
+    assert (tmp_path / "requeued.txt").read_text().startswith("requeue ")
+    files = sorted(p.name for p in out.glob("hpc_ckpt_*"))
+    assert files == ["hpc_ckpt_47-rank0.ckpt", "hpc_ckpt_47-rank1.ckpt"]
+    assert not (out / "maps" / "spot2.npy").exists()  # rank 0 was inside its second image
+    steps = [torch.load(out / f, weights_only=False)["global_step"] for f in files]
+    assert steps == [47, 47]
+
+    resumed = slurm_job(images, out, bin_dir, *extra)  # the requeued job: the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint path at" in resumed.stderr, resumed.stderr[-3000:]
+    assert "hpc_ckpt_47.ckpt" in resumed.stderr
+    assert_same_maps(out, one_process)
+    assert index_names(out) == list(NAMES)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "lightning.pytorch.strategies.DDPStrategy", "auto"])
 def test_cli_replaces_plain_ddp_over_several_devices(images, tmp_path, strategy):
     args = [f"--data.images={images}", f"--out_dir={tmp_path}", *SMALL, "--trainer.logger=false",

@@ -7,6 +7,7 @@ import torch
 from hdm_lightning import masks as M
 from hdm_lightning.fusion import LearnedFusion, SumFusion
 from hdm_lightning.targets import KeepTarget, Repredict
+from hdm_lightning.pool import Item, first_items, successors
 from tests.helpers.run import build, explain, maps
 from tests.helpers.tiny import SPOT, SpotClassifier, spot_images
 
@@ -42,7 +43,7 @@ def test_classifier_is_frozen_and_unchanged(images, tmp_path):
     for key, value in classifier.state_dict().items():
         assert torch.equal(value, before[key]), key  # BatchNorm statistics too
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert optimised == {id(p) for p in model.masks}
+    assert optimised == {id(p) for p in model.pool.masks.values()} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_batched_images_equal_images_explained_alone(images, tmp_path):
@@ -53,48 +54,97 @@ def test_batched_images_equal_images_explained_alone(images, tmp_path):
         np.testing.assert_allclose(together[name], alone[name], atol=1e-5)
 
 
-def run_stages(images, tmp_path, **module):
-    """A module driven by hand through one stage; returns it ready for stage 2."""
+def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):
+    """Issue 8, point 4: three images in a full pool (items wait for rows, converge at their own
+    steps) get the maps each gets alone; only float reassociation may differ."""
+    import json
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=3, seed=3)
+    schedule = {"min_steps": 5, "max_steps": 80, "patience": 5, "check_every": 5, "min_delta": 0.01}
+    crowded = explain(folder, tmp_path / "crowded", batch_size=3, schedule=schedule, module={"max_items": 3})
+    alone = explain(folder, tmp_path / "alone", batch_size=1, schedule=schedule)
+    rows = [json.loads(line) for line in (crowded.root / "index.jsonl").read_text().splitlines()]
+    assert len({row["steps"] for row in rows}) > 1  # the images' items stopped at different steps
+    together, single = maps(crowded), maps(alone)
+    for name in single:
+        np.testing.assert_allclose(together[name], single[name], atol=1e-5)
+
+
+def run_stage(images, tmp_path, **module):
+    """Two images driven by hand through stage 1 with random masks; returns the module and their states."""
     model, data, trainer = build(images, tmp_path / "run", module=module)
     data.setup()
     batch = data.batch([0, 1])
-    model.begin_batch(batch["images"], batch["targets"])
-    model.begin_stage(0)
-    for level in range(model.num_levels):
-        model.begin_level(level)
-        with torch.no_grad():
-            for mask in model.masks:
-                mask.uniform_(0, 1, generator=torch.Generator().manual_seed(level))
-        model.end_level()
-    model.end_stage(torch.ones(2, dtype=torch.bool))
-    return model
+    model.image_rows(2, tuple(batch["images"].shape[1:]))
+    states = [model.begin_image(i, f"spot{i}", "", i, batch["images"][i], -1) for i in range(2)]
+    generator = torch.Generator().manual_seed(0)
+    for state in states:
+        model.begin_stage(state)
+        pending = first_items(model.chains, state.key, 0)
+        while pending:  # every item of the stage, each followed by its successors
+            item = pending.pop(0)
+            size = model.size_of(item)
+            mask = torch.rand(size, size, generator=generator)
+            guide = model.guide(state, item)
+            model.end_item(state, item, mask, mask if guide is None else guide * mask)
+            pending += successors(model.chains, item)
+        model.end_stage(state)
+    return model, states
 
 
 def test_second_stage_sees_the_image_without_the_found_regions(images, tmp_path):
-    model = run_stages(images, tmp_path)
-    found = M.sum_maps(model.stage_maps)
-    model.begin_stage(1)
-    expected = M.remove_found(model.images, found, model.mean, model.std)
-    torch.testing.assert_close(model.stage_input, expected)
-    assert model.stage_maps.shape == (1, 2, 32, 32)
-    assert torch.all(model.stage_sum == 0)
+    model, states = run_stage(images, tmp_path)
+    for state in states:
+        found = M.sum_maps(torch.stack(state.stage_maps)[:, None])
+        state.stage = 1
+        model.begin_stage(state)
+        expected = M.remove_found(state.image[None], found, model.mean, model.std)[0]
+        torch.testing.assert_close(model.stage_input[state.slot], expected)
+        assert len(state.stage_maps) == 1 and state.stage_maps[0].shape == (32, 32)
+        assert torch.all(state.stage_sum == 0)
 
 
 def test_stage_map_sums_level_maps_of_every_chain(images, tmp_path):
-    model = run_stages(images, tmp_path)
+    model, states = run_stage(images, tmp_path)
     # 4 chains: (3, 6, 12), (3, 9), (4, 8, 16), (4, 12); benchmark maps counted once per chain
-    assert model.stage_maps[0].max() == pytest.approx(1.0)
-    assert model.stage_maps[0].min() == pytest.approx(0.0)
+    assert [len(c.sizes) for c in model.chains] == [3, 2, 3, 2]
+    for state in states:
+        assert state.stage_maps[0].max() == pytest.approx(1.0)
+        assert state.stage_maps[0].min() == pytest.approx(0.0)
+        assert len(state.references) == 1 and state.references[0] == state.logit  # stage 1 explains x itself
+
+
+def test_stage_map_is_the_normalised_sum_of_the_level_maps(images, tmp_path):
+    """One chain (3, 6): S = minmax(M_0 + M_1), with M_1 = minmax(Up(a_1) ⊙ M_0)."""
+    model, data, trainer = build(images, tmp_path / "run", module={"benchmark_sizes": (3,), "block_factors": (2,),
+                                                                   "max_size": 6})
+    data.setup()
+    image = data.batch([0])["images"][0]
+    model.image_rows(1, tuple(image.shape))
+    state = model.begin_image(0, "spot0", "", 0, image, -1)
+    model.begin_stage(state)
+    a0, a1 = torch.rand(3, 3), torch.rand(6, 6)
+    model.end_item(state, Item(0, 0, 0, 0), a0, a0)
+    model.end_item(state, Item(0, 0, 0, 1), a1, M.replicate(a0, 2) * a1)
+    model.end_stage(state)
+    m0 = M.minmax(M.upsample(a0[None], (32, 32)))
+    m1 = M.minmax(M.upsample(a1[None], (32, 32)) * m0)
+    torch.testing.assert_close(state.stage_maps[0], M.minmax(m0 + m1)[0])
 
 
 @pytest.mark.parametrize(("policy", "expected"), [(KeepTarget(), [1, 1]), (Repredict(), [0, 0])])
 def test_target_policies(images, tmp_path, policy, expected):
-    model = run_stages(images, tmp_path, target_policy=policy)
-    model.set_buffer("stage_maps", torch.zeros_like(model.stage_maps))
-    model.stage_maps[0][(slice(None), *SPOT)] = 1.0  # stage 1 found the square
-    model.begin_stage(1)  # with the square removed the model predicts class 0
-    assert model.original_targets.tolist() == [1, 1]
-    assert model.targets.tolist() == expected
+    model, states = run_stage(images, tmp_path, target_policy=policy)
+    for state in states:
+        state.stage_maps = [torch.zeros(32, 32)]
+        state.stage_maps[0][SPOT] = 1.0  # stage 1 found the square
+        state.stage = 1
+        model.begin_stage(state)  # with the square removed the model predicts class 0
+    assert [s.target for s in states] == [1, 1]
+    assert [s.stage_target for s in states] == expected
+    assert model.target.tolist() == expected
 
 
 def test_learned_fusion_weights_down_a_stage_that_does_not_help():
@@ -143,5 +193,13 @@ def test_target_outside_the_classifier_names_the_inputs(tmp_path):
     spot_images(tmp_path / "images", count=1)
     (tmp_path / "list.csv").write_text("image,target\nimages/spot0.png,7\n")
     model, data, trainer = build(tmp_path / "list.csv", tmp_path / "run")
-    with pytest.raises(ValueError, match=r"data.images .*list.csv: images \['spot0'\]: targets \[7\] outside \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"data.images .*list.csv: images \['spot0'\]: target 7 outside \[0, 2\)"):
         trainer.fit(model, datamodule=data)
+
+
+def test_progress_reports_images_and_items_in_flight(images, tmp_path):
+    model, data, trainer = build(images, tmp_path / "run", batch_size=2, trainer={"max_steps": 3})
+    trainer.fit(model, datamodule=data)
+    # 2 images in flight, each with its 2 benchmark masks (sizes 3 and 4) at stage 1, level 0
+    assert model.progress() == {"images_total": 2, "images_done": 0, "images_failed": 0,
+                                "in_flight": {"stage0/level0": 4}}

@@ -26,8 +26,10 @@ def test_masks_and_losses_stay_float32_under_autocast(synthetic_classifier, synt
     model, data, trainer = build(folder, tmp_path / "run", classifier=synthetic_classifier, module=SETTINGS,
                                  trainer={"precision": "bf16-mixed", "max_steps": 3})
     trainer.fit(model, datamodule=data)
-    assert all(mask.dtype == torch.float32 for mask in model.masks)
+    assert all(mask.dtype == torch.float32 for mask in model.pool.masks.values())
+    assert len(model.pool) > 0  # items in flight after 3 steps
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.classifier(model.stage_input).dtype == torch.bfloat16  # autocast is on
-        losses = model.item_losses(range(len(model.masks)))
-    assert losses.dtype == torch.float32
+        (chunk,) = model.pool.chunks(model.size_of, None)
+        losses = model.chunk_losses(chunk)
+    assert losses.dtype == torch.float32 and losses.shape == (len(model.pool),)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from hdm_lightning.callbacks import HDMSchedule
+from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
 from tests.helpers.run import build, explain, maps
 from tests.helpers.tiny import spot_images
@@ -46,11 +47,25 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_at", [7, 45, "second batch"])  # mid level, mid stage 2, second batch
+class Finished(Callback):
+    """Records the global step at which each image's map appeared (runs after MapWriter)."""
+
+    def __init__(self, out_dir) -> None:
+        self.run, self.at = RunFolder(out_dir), {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name in ("spot0", "spot1", "spot2"):
+            if name not in self.at and self.run.is_done(name):
+                self.at[name] = trainer.global_step
+
+
+@pytest.mark.parametrize("stop_at", [7, 45, "after a map"])  # mid level, mid stage 2, after the first image
 def test_resumed_run_equals_uninterrupted_run(images, tmp_path, stop_at):
-    expected = maps(explain(images, tmp_path / "whole", batch_size=2))
-    if stop_at == "second batch":
-        stop_at = 7 + RunFolder(tmp_path / "whole").read_index()["spot0"]["steps"]
+    finished = Finished(tmp_path / "whole")
+    expected = maps(explain(images, tmp_path / "whole", batch_size=2, callbacks=[finished]))
+    assert len(finished.at) == 3
+    if stop_at == "after a map":
+        stop_at = 7 + min(finished.at.values())
     out = tmp_path / "cut"
     saver = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=stop_at, save_top_k=0, save_last=True)
     model, data, trainer = build(images, out, batch_size=2, trainer={"enable_checkpointing": True},
@@ -65,9 +80,10 @@ def test_resumed_run_equals_uninterrupted_run(images, tmp_path, stop_at):
     assert resumed.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(resumed[name], expected[name])
+    assert trainer.global_step == max(finished.at.values())  # no step redone or skipped
     rows = [json.loads(x)["name"] for x in (out / "index.jsonl").read_text().splitlines()]
     assert sorted(rows) == sorted(expected)  # no image written twice
-    assert done_before == ({"spot0", "spot1"} if stop_at > 45 else set())
+    assert done_before == {name for name, at in finished.at.items() if at <= stop_at}
 
 
 def test_schedule_state_round_trips_through_a_checkpoint(images, tmp_path):
@@ -76,12 +92,20 @@ def test_schedule_state_round_trips_through_a_checkpoint(images, tmp_path):
     path = tmp_path / "state.ckpt"
     trainer.save_checkpoint(path)
     schedule = next(c for c in trainer.callbacks if isinstance(c, HDMSchedule))
-    restored = HDMSchedule(str(tmp_path / "run"), stages=2, min_steps=20, max_steps=40, patience=10, check_every=10)
     checkpoint = torch.load(path, weights_only=False)
-    restored.load_state_dict(checkpoint["callbacks"][schedule.state_key])
-    assert (restored.batch, restored.stage, restored.level, restored.step) == (
-        schedule.batch, schedule.stage, schedule.level, schedule.step)
-    assert torch.equal(restored.best, schedule.best.cpu())
+    saved = checkpoint["callbacks"][schedule.state_key]
+    assert [s["name"] for s in saved["images"]] == ["spot0"]  # only the image in flight
+    restored = HDMSchedule(str(tmp_path / "run"), stages=2, min_steps=20, max_steps=40, patience=10, check_every=10)
+    restored.load_state_dict(saved)
+    state = ImageState.from_state_dict(restored.saved[0], torch.device("cpu"))
+    original = schedule.images[0]
+    assert (state.stage, state.target, state.running, state.pending) == (
+        original.stage, original.target, original.running, original.pending)
+    assert torch.equal(state.image, original.image) and torch.equal(state.reference, original.reference)
+    fresh, _, _ = build(images, tmp_path / "other")
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert fresh.pool.items == model.pool.items and fresh.pool.clock == model.pool.clock == 13
+    assert torch.equal(fresh.pool.exp_avg_3, model.pool.exp_avg_3)
     assert not any(k.startswith("classifier.") for k in checkpoint["state_dict"])
 
 

@@ -24,7 +24,7 @@ def build(images, out_dir, classifier=None, batch_size=1, module=None, schedule=
     data = ExplanationDataModule(str(images), image_size=SIZE, mean=HALF, std=HALF, batch_size=batch_size)
     callbacks = [HDMSchedule(str(out_dir), **{**SHORT_SCHEDULE, **(schedule or {})}), MapWriter(str(out_dir)), *callbacks]
     settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "max_epochs": 1, "accelerator": "cpu", "deterministic": True}
+                "enable_model_summary": False, "max_epochs": -1, "accelerator": "cpu", "deterministic": True}
     return model, data, Trainer(callbacks=callbacks, **{**settings, **(trainer or {})})
 
 

@@ -1,0 +1,231 @@
+"""Throughput of the engine against the classifier's own forward + backward (issue 8, point 6).
+
+One run, one model (EfficientNet-Lite0 by default), one image size, real photos:
+
+(a) floor: the frozen classifier's forward + backward w.r.t. the input, image-passes per second, at
+    the engine's batch size (the mean number of masked images per step of the run);
+(b) HDM's useful passes per second (masked images of items still optimising) and all passes per
+    second (every masked image sent through the classifier), over the whole run (checks, stage
+    changes, fusion and writing the maps included);
+(c) their ratios to the floor;
+(d) the share of the run's time spent outside the classifier: forward and backward hooks on the
+    classifier time every pass through it (CPU: synchronous, so wall time is exact);
+(e) the same for the engine before issue 8 (``--engine old`` with ``PYTHONPATH`` at a checkout of
+    it; ``--compare PATH`` runs it in a subprocess and prints both rows).
+
+Schedules: ``fast`` (the defaults) and ``paperlike`` (the fast chains with a longer, patience-driven
+schedule, so that items converge at different steps, as with the paper's constants).
+
+    python benchmarks/throughput.py --compare /path/to/old/checkout      # both engines, both schedules
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+#: The checkout whose engine runs: this one, or the one ``--compare`` names (set for its subprocess).
+ROOT = Path(os.environ.get("HDM_ROOT", Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(ROOT))
+
+SCHEDULES = {
+    "fast": {},
+    "paperlike": {"min_steps": 10, "max_steps": 60, "patience": 10, "min_delta": 1e-3, "check_every": 5},
+}
+#: Module settings of each schedule (``paper``: the reference chains, configs/paper.yaml).
+PRESETS = {"fast": {}, "paperlike": {},
+           "paper": {"benchmark_sizes": (6, 7, 8, 9, 10, 11), "block_factors": (2, 3, 5), "lr": 0.01}}
+SCHEDULES["paper"] = {"min_steps": 800, "max_steps": 2000, "patience": 500, "min_delta": 1e-3, "check_every": 50}
+PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "matplotlib:grace_hopper.jpg"]
+
+
+class ClassifierClock:
+    """Wall time inside the classifier: forward hooks and full backward hooks."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        self.seconds, self.started = 0.0, {}
+        classifier.register_forward_pre_hook(lambda m, i: self.start("forward"))
+        classifier.register_forward_hook(lambda m, i, o: self.stop("forward"))
+        classifier.register_full_backward_pre_hook(lambda m, g: self.start("backward"))
+        classifier.register_full_backward_hook(lambda m, gi, go: self.stop("backward"))
+
+    def start(self, phase: str) -> None:
+        self.started[phase] = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        self.seconds += time.perf_counter() - self.started.pop(phase)
+
+
+class Passes(Callback):
+    """Counts the masked images each step sends through the classifier, and those of items still optimising."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine, self.passes, self.useful, self.steps = engine, 0, 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.should_stop:
+            return
+        if self.engine == "new":
+            count = len(pl_module.pool)
+            self.passes, self.useful = self.passes + count, self.useful + count  # every item in flight optimises
+        else:  # the old engine: every chain with an active item sends all the batch's images
+            if getattr(pl_module, "idle", False) or not hasattr(pl_module, "active"):
+                return
+            active = pl_module.active
+            self.passes += int(active.any(dim=1).sum()) * active.shape[1]
+            self.useful += int(active.sum())
+        self.steps += 1
+
+
+def photos(folder: Path, count: int) -> str:
+    """A list of ``count`` images: the shipped photos, repeated under other names where needed."""
+    from PIL import Image
+
+    from hdm_lightning.data import load_image
+
+    lines = []
+    for i in range(count):
+        source = PHOTOS[i % len(PHOTOS)]
+        if i < len(PHOTOS):
+            lines.append(source)
+        else:  # a copy as a file, so that its output name differs
+            path = folder / f"copy{i}.png"
+            load_image(source).save(path)
+            lines.append(str(path))
+    listing = folder / "photos.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return str(listing)
+
+
+def build_classifier(name: str) -> torch.nn.Module:
+    """The packaged EfficientNet-Lite0 (ImageNet weights) or a torchvision model with random weights."""
+    from hdm_lightning.models import EfficientNetLite0, TorchvisionClassifier
+
+    return EfficientNetLite0() if name == "efficientnet_lite0" else TorchvisionClassifier(name)
+
+
+def run_engine(engine: str, schedule: str, args) -> dict:
+    from hdm_lightning.callbacks import HDMSchedule, MapWriter
+    from hdm_lightning.data import ExplanationDataModule
+    from hdm_lightning.module import MaskExplainer
+
+    classifier = build_classifier(args.classifier)
+    clock = ClassifierClock(classifier)
+    settings = {"max_items": args.max_items, "compile": args.compile, "channels_last": args.channels_last} \
+        if engine == "new" else {}
+    model = MaskExplainer(classifier=classifier, chunk_size=args.chunk_size, **settings, **PRESETS[schedule])
+    with tempfile.TemporaryDirectory() as folder:
+        data = ExplanationDataModule(photos(Path(folder), args.images), image_size=args.size,
+                                     batch_size=args.in_flight or args.images)
+        passes = Passes(engine)
+        callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, max_epochs=-1 if engine == "new" else 1, callbacks=callbacks)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return {"engine": engine, "schedule": schedule, "seconds": seconds, "steps": passes.steps,
+            "passes": passes.passes, "useful": passes.useful, "classifier_seconds": clock.seconds,
+            "batch": passes.passes / max(1, passes.steps), "images_per_s": args.images / seconds,
+            "peak_gib": peak}
+
+
+def floor(batch: int, args) -> float:
+    """Forward + backward w.r.t. the input of the frozen classifier: image-passes per second."""
+    from hdm_lightning.models import freeze
+
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    classifier = freeze(build_classifier(args.classifier)).to(device)
+    images = torch.randn(batch, 3, args.size, args.size, device=device, requires_grad=True)
+    low = args.precision.startswith("bf16")
+
+    def pass_() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+            logits = classifier(images)
+        logits[:, 0].float().sum().backward()
+
+    for _ in range(2):  # warm-up
+        pass_()
+    synchronise(device)
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        images.grad = None
+        pass_()
+    synchronise(device)
+    return batch * args.repeats / (time.perf_counter() - start)
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["new", "old"], default="new")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--images", type=int, default=4, help="photos (and images in flight)")
+    parser.add_argument("--in_flight", type=int, default=None, help="most images in flight (default: all)")
+    parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--max_items", type=int, default=16)
+    parser.add_argument("--chunk_size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="batches timed for the floor")
+    parser.add_argument("--compare", type=Path, default=None, help="a checkout of the old engine to run as well")
+    parser.add_argument("--classifier", default="efficientnet_lite0", help="efficientnet_lite0 or a torchvision name")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--compile", action="store_true", help="model.compile (new engine)")
+    parser.add_argument("--channels_last", action="store_true", help="model.channels_last (new engine)")
+    parser.add_argument("--paper", action="store_true", help="add the paper preset's own schedule (GPU)")
+    args = parser.parse_args()
+    if args.paper:
+        args.schedules = [*args.schedules, "paper"]
+    torch.set_num_threads(args.threads)
+    rows = [run_engine(args.engine, schedule, args) for schedule in args.schedules]
+    if args.engine == "old":  # a subprocess of --compare: raw rows for the parent
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return
+    if args.compare is not None:
+        command = [sys.executable, __file__, "--engine", "old", *sys.argv[1:]]
+        command = [c for i, c in enumerate(command) if c != "--compare" and command[i - 1] != "--compare"]
+        environment = {**os.environ, "PYTHONPATH": str(args.compare), "HDM_ROOT": str(args.compare)}
+        done = subprocess.run(command, cwd=args.compare, env=environment, capture_output=True, text=True, check=True)
+        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        row["floor"] = floor(max(1, round(row["batch"])), args)
+        row["useful_per_s"], row["all_per_s"] = row["useful"] / row["seconds"], row["passes"] / row["seconds"]
+        row["useful_to_floor"], row["all_to_floor"] = row["useful_per_s"] / row["floor"], row["all_per_s"] / row["floor"]
+        row["outside_share"] = 1 - row["classifier_seconds"] / row["seconds"]
+        print(json.dumps(row), flush=True)
+    if args.engine == "new":
+        print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| engine | schedule | steps | mean batch | floor (img/s) | useful passes/s | all passes/s "
+          "| useful/floor | all/floor | outside classifier | images/s | peak GiB | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['schedule']} | {r['steps']} | {r['batch']:.1f} | {r['floor']:.1f} | "
+              f"{r['useful_per_s']:.1f} | {r['all_per_s']:.1f} | {r['useful_to_floor']:.2f} | {r['all_to_floor']:.2f} | "
+              f"{100 * r['outside_share']:.1f} % | {r.get('images_per_s', float('nan')):.3f} | "
+              f"{r.get('peak_gib', float('nan')):.2f} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

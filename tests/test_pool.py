@@ -1,0 +1,182 @@
+"""The mask pool on its own, without a Trainer: items enter and leave, per-item optimiser state,
+packing into classifier batches, convergence, and an item's independence of its pool-mates."""
+
+import pytest
+import torch
+
+from hdm_lightning import masks as M
+from hdm_lightning.pool import (
+    Convergence, Item, MaskPool, adam_step, first_items, item_size, successors,
+)
+from tests.helpers.tiny import SIZE, SpotClassifier
+
+CHAINS = M.build_chains([3, 4], [2, 3], 16)  # (3, 6, 12), (3, 9), (4, 8, 16), (4, 12)
+
+
+def size_of(item: Item) -> int:
+    return item_size(CHAINS, item)
+
+
+@pytest.mark.parametrize(("item", "expected"), [
+    (Item(0, 0, 0, 0), [(0, 1), (1, 1)]),  # the shared benchmark mask guides both chains of s0 = 3
+    (Item(0, 0, 2, 0), [(2, 1), (3, 1)]),
+    (Item(0, 0, 0, 1), [(0, 2)]),
+    (Item(0, 0, 1, 1), []),  # the chain (3, 9) ends
+    (Item(0, 0, 2, 2), []),
+])
+def test_successors_follow_the_chains(item, expected):
+    assert [(s.chain, s.level) for s in successors(CHAINS, item)] == expected
+    assert all((s.image, s.stage) == (item.image, item.stage) for s in successors(CHAINS, item))
+
+
+def test_a_stage_walks_every_level_of_every_chain_once():
+    seen, pending = [], first_items(CHAINS, image=4, stage=2)
+    while pending:
+        item = pending.pop(0)
+        seen.append((item.chain, item.level))
+        pending += successors(CHAINS, item)
+    # level 0 once per benchmark size, then every chain's own levels: 2 + 4 + 2 = 8 optimisations
+    assert sorted(seen) == [(0, 0), (0, 1), (0, 2), (1, 1), (2, 0), (2, 1), (2, 2), (3, 1)]
+
+
+def test_items_enter_and_leave_with_fresh_state():
+    pool = MaskPool([3, 6], capacity=3, init_value=0.5)
+    first = pool.admit(Item(0, 0, 0, 0), 3)
+    with torch.no_grad():
+        pool.masks["3"][first] = 0.9
+        pool.exp_avg_3[first] = 1.0
+        pool.steps[first] = 7
+    guide = torch.rand(6, 6)
+    second = pool.admit(Item(1, 0, 0, 1), 6, guide)
+    assert (len(pool), pool.free()) == (2, 1)
+    mask, superimposed = pool.retire(first, 3)
+    assert torch.all(mask == 0.9) and torch.equal(superimposed, mask)  # level 0: P_0 = a_0
+    again = pool.admit(Item(2, 0, 2, 0), 3)
+    assert again == first  # the freed row is reused, reset
+    assert torch.all(pool.masks["3"][again] == 0.5) and torch.all(pool.exp_avg_3[again] == 0)
+    assert pool.steps[again] == 0 and pool.best[again] == float("inf")
+    torch.testing.assert_close(pool.guide_6[second], guide)
+    assert pool.in_flight() == {0: Item(2, 0, 2, 0), 1: Item(1, 0, 0, 1)}
+
+
+def test_chunks_split_the_items_by_chunk_size():
+    pool = MaskPool([3, 4, 6], capacity=5, init_value=0.5)
+    for image, (chain, level) in enumerate([(0, 0), (2, 0), (0, 1), (0, 0), (2, 0)]):  # sizes 3, 4, 6, 3, 4
+        item = Item(image, 0, chain, level)
+        pool.admit(item, size_of(item))
+    whole = pool.chunks(size_of, None)
+    assert len(whole) == 1 and sum(len(g.slots) for g in whole[0]) == 5
+    parts = pool.chunks(size_of, 2)
+    assert [sum(len(g.slots) for g in chunk) for chunk in parts] == [2, 2, 1]
+    assert sorted(torch.cat([MaskPool.slots(c) for c in parts]).tolist()) == [0, 1, 2, 3, 4]
+    assert all(len({g.size for g in chunk}) == len(chunk) for chunk in parts)  # one group per size
+
+
+def test_adam_step_equals_torch_adam_for_each_item_at_its_own_step():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 3)
+    param = torch.full((2, 3, 3), 0.5)
+    avg, avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    steps = torch.tensor([0, 0])
+    references = [torch.nn.Parameter(torch.full((3, 3), 0.5)) for _ in range(2)]
+    optimisers = [torch.optim.Adam([p], lr=0.05) for p in references]
+    for step in range(12):
+        moving = [0, 1] if step >= 5 else [0]  # item 1 enters 5 steps later: its own step count
+        grad = 2 * (param - target)
+        rows = torch.tensor(moving)
+        steps[rows] += 1
+        new, avg[rows], avg_sq[rows] = adam_step(param[rows], grad[rows], avg[rows], avg_sq[rows], steps[rows], 0.05)
+        param[rows] = new
+        for i in moving:
+            optimisers[i].zero_grad()
+            references[i].grad = 2 * (references[i].detach() - target[i])
+            optimisers[i].step()
+    assert steps.tolist() == [12, 7]
+    for i in range(2):
+        torch.testing.assert_close(param[i], references[i].detach(), atol=1e-6, rtol=0)
+
+
+def test_adam_step_takes_a_learning_rate_per_item():
+    param, grad = torch.ones(2, 1, 1), torch.ones(2, 1, 1)
+    new, _, _ = adam_step(param, grad, torch.zeros_like(param), torch.zeros_like(param), torch.tensor([1, 1]),
+                          torch.tensor([0.1, 0.2]))
+    torch.testing.assert_close(new.flatten(), torch.tensor([0.9, 0.8]))
+
+
+@pytest.mark.parametrize(("losses", "expected_stop"), [
+    ([1.0] * 8, 4),  # flat from the start: stops at its check after min_steps (since = 2 = patience)
+    ([1.0 / (1 + s) for s in range(8)], 6),  # always improving: runs to max_steps
+])
+def test_an_item_is_checked_at_its_own_steps(losses, expected_stop):
+    rule = Convergence(min_steps=4, max_steps=6, patience=2, min_delta=0.01, check_every=2)
+    pool = MaskPool([3], capacity=2, init_value=0.5)
+    other = pool.admit(Item(9, 0, 0, 0), 3)
+    pool.step(size_of, lr=0.1, clamp=True)  # the other item is one step ahead
+    slot = pool.admit(Item(0, 0, 0, 0), 3)
+    for step in range(1, 9):
+        with torch.no_grad():
+            pool.loss[slot] = losses[step - 1]
+            pool.loss[other] = 1.0
+        pool.step(size_of, lr=0.1, clamp=True)
+        assert pool.due(rule) == (rule.due(step) or rule.due(step + 1))
+        stopped = pool.converged(rule)
+        if slot in stopped:
+            assert step == expected_stop
+            return
+    pytest.fail("the item never stopped")
+
+
+def test_pool_state_round_trips_through_a_state_dict():
+    pool = MaskPool([3, 6], capacity=2, init_value=0.5)
+    pool.admit(Item(3, 1, 0, 1), 6, torch.rand(6, 6))
+    pool.step(size_of, lr=0.1, clamp=True)
+    restored = MaskPool([3, 6], capacity=2, init_value=0.5)
+    restored.load_state_dict(pool.state_dict())
+    assert restored.items == pool.items and restored.clock == 1 and restored.own_steps(0) == 1
+    for key, value in pool.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, restored.state_dict()[key]), key
+    with pytest.raises(ValueError, match="engine.max_items"):
+        MaskPool([3, 6], capacity=3, init_value=0.5).load_state_dict(pool.state_dict())
+
+
+# ------------------------------------------------------- an item alone and in a pool with others
+def optimise(entries, steps: int, chunk_size=None):
+    """Runs ``steps`` pool steps of HDM's loss on SpotClassifier; ``entries`` are (item, image, enters_at).
+
+    Returns each entry's superimposed mask at the end. Pure torch, the way the module does it.
+    """
+    classifier = SpotClassifier().eval()
+    pool = MaskPool([c for chain in CHAINS for c in chain.sizes], capacity=len(entries), init_value=0.5)
+    images = torch.stack([image for _, image, _ in entries])  # (E, C, H, W)
+    reference = classifier(images)[:, 1].detach()
+    rows = {}
+    for step in range(steps):
+        for e, (item, _, enters_at) in enumerate(entries):
+            if enters_at == step:
+                rows[pool.admit(item, size_of(item))] = e
+        for chunk in pool.chunks(size_of, chunk_size):
+            owners = torch.tensor([rows[s] for s in MaskPool.slots(chunk).tolist()])
+            kept = pool.kept(chunk, (SIZE, SIZE))
+            logit = classifier(M.apply_mask(images[owners], kept, torch.zeros_like(images[owners])))[:, 1]
+            sparsity = torch.cat([M.sparsity_loss(pool.trainable(g), 1.0) for g in chunk])
+            loss = M.consistency_loss(logit, reference[owners], 1e-2) + sparsity
+            loss.sum().backward()
+            pool.record(chunk, loss)
+        pool.step(size_of, lr=0.05, clamp=True)
+        for mask in pool.masks.values():
+            mask.grad = None
+    return {e: pool.retire(slot, size_of(entries[e][0]))[1] for slot, e in rows.items()}
+
+
+def test_one_item_alone_equals_the_same_item_in_a_pool_with_others():
+    torch.manual_seed(0)
+    pictures = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
+    pictures[0, :, 8:16, 18:26] = 1.0
+    mine = (Item(0, 0, 0, 0), pictures[0], 0)
+    others = [(Item(1, 0, 2, 0), pictures[1], 0), (Item(2, 0, 0, 0), pictures[2], 3),
+              (Item(3, 0, 2, 0), pictures[3], 7)]
+    alone = optimise([mine], steps=25)[0]
+    crowded = optimise([others[0], mine, *others[1:]], steps=25, chunk_size=3)[1]
+    assert not torch.equal(alone, torch.full_like(alone, 0.5))  # it did move
+    torch.testing.assert_close(crowded, alone, atol=1e-5, rtol=0)
