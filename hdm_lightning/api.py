@@ -34,6 +34,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, StepStr
 from hdm_lightning.module import MaskExplainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SCHEDULE_DEFAULTS = {name: p.default for name, p in inspect.signature(HDMSchedule).parameters.items()}
 #: Lightning warnings that an in-notebook run triggers by design.
 QUIET = (r".*module\(s\) in eval mode.*", r".*does not have many workers.*", r".*LeafSpec.*")
 
@@ -133,6 +134,7 @@ def explain(
     count = images.shape[0]
     targets = resolve_targets(targets, count)
     model_settings, schedule_settings, run = split_settings({**preset_settings(preset), **overrides})
+    model_settings.setdefault("lr_horizon", schedule_settings.get("max_steps", SCHEDULE_DEFAULTS["max_steps"]))
     model_settings.setdefault("mean", IMAGENET_MEAN)
     model_settings.setdefault("std", IMAGENET_STD)
     state = {name: p.requires_grad for name, p in module.named_parameters()}, module.training

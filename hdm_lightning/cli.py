@@ -62,6 +62,7 @@ class HDMCLI(LightningCLI):
         parser.link_arguments("data.mean", "model.mean")
         parser.link_arguments("data.std", "model.std")
         parser.link_arguments("engine.max_items", "model.max_items")
+        parser.link_arguments("schedule.max_steps", "model.lr_horizon")
         parser.set_defaults(
             {
                 "checkpoint.every_n_train_steps": 100,

@@ -89,7 +89,7 @@ def move(value: Any, device: torch.device) -> Any:
 class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
-    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05), usable on
+    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.02 decayed), usable on
     a CPU; ``configs/paper.yaml`` sets the reference constants.
 
     Args:
@@ -102,7 +102,10 @@ class MaskExplainer(LightningModule):
             (one-sided, relative to the class's evidence); :class:`SquaredConsistency` is the
             reference's ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``.
         sparsity_weight: ``λ_1`` of the mask-value term.
-        lr: Adam learning rate of the masks.
+        lr: Adam learning rate of the masks (the first step's, under the cosine schedule).
+        lr_schedule: ``cosine`` decays each item's rate to 0 over ``lr_horizon`` of its steps (stable
+            maps, issue 7); ``constant`` is the reference's.
+        lr_horizon: steps of the cosine decay; the CLI links it to ``schedule.max_steps``.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -130,7 +133,9 @@ class MaskExplainer(LightningModule):
         max_size: int = 50,
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
-        lr: float = 5e-2,
+        lr: float = 2e-2,
+        lr_schedule: Literal["constant", "cosine"] = "cosine",
+        lr_horizon: int = 40,
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -155,6 +160,9 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"model.chunk_size must be >= 1 or null, got {chunk_size}")
+        if lr_schedule not in ("constant", "cosine") or lr_horizon < 1:
+            raise ValueError(f"model.lr_schedule must be 'constant' or 'cosine' and model.lr_horizon >= 1, got "
+                             f"{lr_schedule!r}, {lr_horizon}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -228,7 +236,8 @@ class MaskExplainer(LightningModule):
 
     @override
     def configure_optimizers(self):
-        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp)
+        horizon = self.hparams.lr_horizon if self.hparams.lr_schedule == "cosine" else None
+        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, horizon=horizon)
 
     @override
     def setup(self, stage: str) -> None:

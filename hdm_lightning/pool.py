@@ -100,6 +100,22 @@ def adam_step(
     return param - step_size * (exp_avg / denominator), exp_avg, exp_avg_sq
 
 
+def cosine_lr(lr: float, step: Tensor, horizon: int) -> Tensor:
+    """Per-item learning rate ``lr · (1 + cos(π (t − 1) / T)) / 2`` at item step ``t`` (1 for the first),
+    flat at its last value after ``T = horizon``; ``(k,)`` steps -> ``(k,)`` rates.
+
+    Adam moves every mask element by about ``lr`` a step whatever its gradient, so a constant rate
+    leaves the masks wandering at the end of a level, and float noise (another batch, bf16, another
+    device) sends them to different places; decaying the rate lets each mask settle (issue 7).
+
+    Example:
+        >>> cosine_lr(0.1, torch.tensor([1, 3, 5, 9]), 4)
+        tensor([0.1000, 0.0500, 0.0000, 0.0000], dtype=torch.float64)
+    """
+    progress = (step.double() - 1).clamp(0, horizon) / horizon
+    return lr * (1 + torch.cos(torch.pi * progress)) / 2
+
+
 def update_patience(best: Tensor, since: Tensor, loss: Tensor, min_delta: float, elapsed: Tensor) -> tuple[Tensor, Tensor]:
     """Best loss so far and steps since it improved by more than ``min_delta`` (relative), per item.
 
@@ -256,8 +272,11 @@ class MaskPool(nn.Module):
 
     # ------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, size_of, lr: float, clamp: bool, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1]."""
+    def step(self, size_of, lr: float, clamp: bool, horizon: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
+             eps: float = 1e-8) -> None:
+        """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
+
+        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps."""
         if "rows" not in self._chunks:
             self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
                 if len(self) else []
@@ -266,7 +285,8 @@ class MaskPool(nn.Module):
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
-            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows], lr,
+            rate = lr if horizon is None else cosine_lr(lr, self.steps[rows], horizon)
+            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows], rate,
                                                      betas, eps)
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
@@ -311,9 +331,9 @@ class ItemAdam(torch.optim.Optimizer):
     ``Optimizer`` lets the precision plugin unscale gradients (16-mixed) and Lightning count steps.
     """
 
-    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool) -> None:
+    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
-        self.pool, self.size_of, self.clamp = pool, size_of, clamp
+        self.pool, self.size_of, self.clamp, self.horizon = pool, size_of, clamp, horizon
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -321,5 +341,5 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon)
         return loss

@@ -9,7 +9,7 @@ from hdm_lightning.api import quantus_explain
 from tests.helpers.run import HALF, explain as explain_files, maps
 from tests.helpers.tiny import SIZE, SPOT, SpotClassifier, spot_images
 
-SMALL = {"benchmark_sizes": (3, 4), "block_factors": (2,), "max_size": 8, "stages": 2, "min_steps": 5,
+SMALL = {"benchmark_sizes": (3, 4), "block_factors": (2,), "max_size": 8, "stages": 2, "min_steps": 5, "lr": 0.05,
          "max_steps": 10, "check_every": 5, "mean": HALF, "std": HALF}
 
 

@@ -1,0 +1,112 @@
+"""Are HDM maps a stable function of the image? The same photos under different arithmetic.
+
+Four photos shipped with scikit-image and matplotlib, each explained for EfficientNet-Lite0's
+top-1 class through the real command line, under runs that should give the same map: one image
+at a time (``data.batch_size=1``), all four together (``data.batch_size=4``), two CPU processes
+(``ddp_independent``), and ``bf16-mixed`` against float32. Reports, per image and pair of runs,
+the Pearson correlation of the fused maps (and of each stage's), and for bf16 the change of
+deletion and insertion AUC (RISE protocol). Issue 7 asks for >= 0.99 (batch, processes) and
+>= 0.97 with AUCs within 0.005 (bf16).
+
+Usage:
+    python benchmarks/stability.py [--size 128] [--out runs/stability] [--set --model.lr=0.02 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "matplotlib:grace_hopper.jpg"]
+RUNS = {
+    "batch1": ["--data.batch_size=1"],
+    "batch4": ["--data.batch_size=4"],
+    "2proc": ["--data.batch_size=2", "--trainer.devices=2", "--trainer.strategy=ddp_independent"],
+    "bf16": ["--data.batch_size=1", "--trainer.precision=bf16-mixed"],
+}
+PAIRS = [("batch1", "batch4"), ("batch1", "2proc"), ("batch4", "2proc"), ("batch1", "bf16")]
+
+
+def run(name: str, out: Path, listing: Path, size: int, extra: list[str]) -> float:
+    folder = out / name
+    command = [sys.executable, "train_masks.py", f"--data.images={listing}", f"--data.image_size={size}",
+               f"--out_dir={folder}", "--trainer.accelerator=cpu", "--trainer.logger=false",
+               "--trainer.enable_progress_bar=false", *RUNS[name], *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.stem for p in (folder / "maps").glob("*.npy"))
+
+
+def auc_change(out: Path, size: int) -> dict[str, tuple[float, float]]:
+    """Deletion and insertion AUC of the float32 (batch1) and bf16 maps, per image."""
+    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD, load_image, to_tensor
+    from hdm_lightning.metrics import functional as MF
+    from hdm_lightning.models import EfficientNetLite0
+
+    classifier = EfficientNetLite0().eval()
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    rows = {json.loads(line)["name"]: json.loads(line) for line in (out / "batch1" / "index.jsonl").open()}
+    result = {}
+    with torch.no_grad():
+        for name, row in rows.items():
+            image = to_tensor(load_image(row["image"]), size, mean, std)[None]
+            target = torch.tensor([row["target"]])
+            scores = []
+            for run_name in ("batch1", "bf16"):
+                saliency = torch.from_numpy(np.load(out / run_name / "maps" / f"{name}.npy"))[None, None]
+                saliency = F.interpolate(saliency, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                deletion = MF.curve_auc(MF.deletion_curve(classifier, image, saliency, target, 56, 57))
+                insertion = MF.curve_auc(MF.insertion_curve(classifier, image, saliency, target, 56, 57, 11, 5.0))
+                scores.append((float(deletion), float(insertion)))
+            result[name] = (scores[1][0] - scores[0][0], scores[1][1] - scores[0][1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "stability")
+    parser.add_argument("--size", type=int, default=128, help="classifier input side (px)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra train_masks.py settings for every run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    listing = args.out / "photos.txt"
+    listing.write_text("\n".join(PHOTOS) + "\n")
+    seconds = {name: run(name, args.out, listing, args.size, args.set) for name in RUNS}
+    lines = [f"Stability, {args.size} px, settings {args.set or 'defaults'}; seconds per run: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
+             "| pair | " + " | ".join(names(args.out / "batch1")) + " | min |", "|---|" + "---|" * 5]
+    for first, second in PAIRS:
+        values = []
+        for name in names(args.out / first):
+            a = np.load(args.out / first / "maps" / f"{name}.npy")
+            b = np.load(args.out / second / "maps" / f"{name}.npy")
+            values.append(correlation(a, b))
+        lines.append(f"| {first} vs {second} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {min(values):.3f} |")
+    changes = auc_change(args.out, args.size)
+    lines.append("| bf16 − float32 deletion AUC | " + " | ".join(f"{changes[n][0]:+.4f}" for n in sorted(changes)) + " | |")
+    lines.append("| bf16 − float32 insertion AUC | " + " | ".join(f"{changes[n][1]:+.4f}" for n in sorted(changes)) + " | |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
