@@ -9,8 +9,8 @@ from hdm_lightning.api import quantus_explain
 from tests.helpers.run import HALF, explain as explain_files, maps
 from tests.helpers.tiny import SIZE, SPOT, SpotClassifier, spot_images
 
-SMALL = {"benchmark_sizes": (3, 4), "block_factors": (2,), "max_size": 8, "stages": 2, "min_steps": 5, "lr": 0.05,
-         "max_steps": 10, "check_every": 5, "mean": HALF, "std": HALF}
+SMALL = {"benchmark_sizes": (3, 4), "block_factors": (2,), "max_size": 8, "stages": 2, "min_steps": 20, "lr": 0.05,
+         "max_steps": 40, "check_every": 10, "mean": HALF, "std": HALF}
 
 
 def spot_batch(count: int = 2) -> torch.Tensor:
@@ -40,13 +40,13 @@ def test_explain_gives_the_maps_of_a_run_on_the_same_images(tmp_path):
     spot_images(folder, count=2)
     run = maps(explain_files(folder, tmp_path / "run", batch_size=2,
                              module={"benchmark_sizes": (3, 4), "block_factors": (2,), "max_size": 8},
-                             schedule={"stages": 2, "min_steps": 5, "max_steps": 10, "check_every": 5}))
+                             schedule={"stages": 2, "min_steps": 20, "max_steps": 40, "check_every": 10}))
     from hdm_lightning.data import ExplanationDataModule
 
     data = ExplanationDataModule(str(folder), image_size=SIZE, mean=HALF, std=HALF)
     data.setup()
     images = data.batch([0, 1])["images"]
-    result = explain(SpotClassifier(), images, lr=0.05, batch_size=2, **SMALL)
+    result = explain(SpotClassifier(), images, batch_size=2, **SMALL)
     for i, name in enumerate(["spot0", "spot1"]):
         np.testing.assert_allclose(result["maps"][i].numpy(), run[name], atol=1e-6)
 
