@@ -120,3 +120,27 @@ def test_every_preset_parses(preset, capsys):
         main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
     assert stop.value.code in (0, None)
     assert "schedule:" in capsys.readouterr().out
+
+
+def test_paper_preset_restores_the_reference_method(capsys):
+    from hdm_lightning.cli import CONFIGS
+
+    with pytest.raises(SystemExit):
+        main(["--config", str(CONFIGS / "paper.yaml"), "--print_config"])
+    paper = capsys.readouterr().out
+    assert "SquaredConsistency" in paper and "SumFusion" in paper and "lr_schedule: constant" in paper
+
+
+def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
+    from hdm_lightning.cli import HDMCLI
+    from hdm_lightning.consistency import EvidenceConsistency
+    from hdm_lightning.data import ExplanationDataModule
+    from hdm_lightning.fusion import EvidenceFusion
+    from hdm_lightning.module import MaskExplainer
+
+    cli = HDMCLI(MaskExplainer, ExplanationDataModule, run=False, save_config_callback=None,
+                 args=["--model.classifier", "hdm_lightning.models.ImportedClassifier",
+                       "--model.classifier.network", "tests.helpers.tiny.SpotClassifier",
+                       "--schedule.max_steps", "60", "--out_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert cli.model.hparams.lr_horizon == 60 and cli.model.hparams.lr_schedule == "cosine"
+    assert isinstance(cli.model.consistency, EvidenceConsistency) and isinstance(cli.model.fusion, EvidenceFusion)
