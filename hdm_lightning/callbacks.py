@@ -23,7 +23,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from hdm_lightning.dashboard import log_mask_images
-from hdm_lightning.data import file_hash
 from hdm_lightning.masks import upsample
 from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
@@ -183,7 +182,8 @@ class HDMSchedule(Callback):
         pl_module.begin_stage(state)
         state.pending = first_items(pl_module.chains, index, 0)
         self.images[index], self.started[index] = state, time.perf_counter()
-        self.hashes[record.name] = batch["hashes"][0]  # of the bytes explained, for evaluate's check
+        if batch.get("hashes"):  # files (not the Python API's tensors): the SHA-256 of the bytes explained
+            self.hashes[record.name] = batch["hashes"][0]
         self.watched = index if self.watched is None else self.watched
         return state
 
@@ -230,8 +230,10 @@ class HDMSchedule(Callback):
             "stages": len(state.stage_maps),
             "steps": state.steps,
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),
-            "sha256": self.hashes.pop(state.name, None) or file_hash(state.path),
         }
+        digest = self.hashes.pop(state.name, None)
+        if digest is not None:  # evaluate checks that the pictures it scores are these files
+            row["sha256"] = digest
         pl_module.finished.append(Explanation(state.name, state.path, fused["map"], fused["stage_maps"], row))
         pl_module.counts["images_done"] += 1
         del self.images[state.key]
@@ -305,13 +307,13 @@ class HDMSchedule(Callback):
         for key, state in self.images.items():
             state.seconds = now - self.started[key]
         return {"images": [state.state_dict() for state in self.images.values()], "failed": self.failed,
-                "hashes": dict(self.hashes)}
+                "hashes": {s.name: self.hashes[s.name] for s in self.images.values() if s.name in self.hashes}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = list(state_dict.get("images", []))
         self.failed = [f for f in state_dict.get("failed", []) if isinstance(f, str)]
-        self.hashes = dict(state_dict.get("hashes", {}))  # older checkpoints: hashed again at the end
+        self.hashes = dict(state_dict.get("hashes", {}))
 
 
 class MapWriter(Callback):
