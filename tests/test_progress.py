@@ -51,8 +51,6 @@ def test_the_cli_counts_images_with_the_inputs_rejected_before_the_first_step(tm
     the bar and in the summary, and a rerun of the folder adds no second row to failed.jsonl."""
     import json
 
-    from PIL import Image  # noqa: F401 (spot_images writes with it)
-
     from hdm_lightning.cli import main
     from tests.helpers.tiny import spot_images
     from tests.test_cli import SMALL
