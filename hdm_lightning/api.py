@@ -50,6 +50,9 @@ class TensorInputs(LightningDataModule):
     def shard(self, rank: int, world_size: int) -> list[int]:
         return list(range(rank, len(self.records), world_size))
 
+    def rejected_share(self, rank: int, world_size: int) -> int:
+        return 0  # tensors are checked before the run starts
+
     def batch(self, indices: list[int]) -> dict:
         return {"images": self.images[indices], "targets": self.targets[indices], "indices": indices, "failed": []}
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from hdm_lightning.data import load_image
+from hdm_lightning.dashboard import log_mask_images
 from hdm_lightning.masks import upsample
 from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
@@ -104,6 +104,7 @@ class HDMSchedule(Callback):
         self.queue: list[int] = []  # this rank's records still to start
         self.saved: list[dict] = []  # images of a checkpoint, until on_train_start places them
         self.watched: int | None = None  # the image whose masks go to the dashboard
+        self.hashes: dict[str, str] = {}  # SHA-256 of the file of each image in flight, by name
 
     @property
     def check_every(self) -> int:
@@ -118,7 +119,9 @@ class HDMSchedule(Callback):
         done = {i for i in shard if self.run.is_done(datamodule.records[i].name)}
         self.queue = [i for i in shard if i not in done and i not in self.images
                       and datamodule.records[i].path not in self.failed]
-        pl_module.counts.update(images_total=len(shard), images_done=len(done), images_failed=len(self.failed))
+        rejected = datamodule.rejected_share(trainer.global_rank, trainer.world_size)  # failed before the first step
+        pl_module.counts.update(images_total=len(shard) + rejected, images_done=len(done),
+                                images_failed=len(self.failed) + rejected)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -179,6 +182,8 @@ class HDMSchedule(Callback):
         pl_module.begin_stage(state)
         state.pending = first_items(pl_module.chains, index, 0)
         self.images[index], self.started[index] = state, time.perf_counter()
+        if batch.get("hashes"):  # files (not the Python API's tensors): the SHA-256 of the bytes explained
+            self.hashes[record.name] = batch["hashes"][0]
         self.watched = index if self.watched is None else self.watched
         return state
 
@@ -226,6 +231,9 @@ class HDMSchedule(Callback):
             "steps": state.steps,
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),
         }
+        digest = self.hashes.pop(state.name, None)
+        if digest is not None:  # evaluate checks that the pictures it scores are these files
+            row["sha256"] = digest
         pl_module.finished.append(Explanation(state.name, state.path, fused["map"], fused["stage_maps"], row))
         pl_module.counts["images_done"] += 1
         del self.images[state.key]
@@ -264,8 +272,8 @@ class HDMSchedule(Callback):
             return
         size = pl_module.stage_input.shape[-2:]
         for key, masks in logged.items():
-            pictures = [upsample(p[None], size)[0].cpu().numpy() for p in masks]
-            log_images(trainer, key, pictures, [f"{p.shape[-1]} cells" for p in masks])
+            pictures = [upsample(p[None], size)[0] for p in masks]
+            log_mask_images(trainer, key, pictures, [f"{p.shape[-1]} cells" for p in masks])  # uint8, coloured
 
     # ------------------------------------------------------------------ persistence
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,12 +306,14 @@ class HDMSchedule(Callback):
         now = time.perf_counter()
         for key, state in self.images.items():
             state.seconds = now - self.started[key]
-        return {"images": [state.state_dict() for state in self.images.values()], "failed": self.failed}
+        return {"images": [state.state_dict() for state in self.images.values()], "failed": self.failed,
+                "hashes": {s.name: self.hashes[s.name] for s in self.images.values() if s.name in self.hashes}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = list(state_dict.get("images", []))
         self.failed = [f for f in state_dict.get("failed", []) if isinstance(f, str)]
+        self.hashes = dict(state_dict.get("hashes", {}))
 
 
 class MapWriter(Callback):
@@ -353,12 +363,14 @@ class MapWriter(Callback):
 
     def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         """Writes the finished explanations; returns how many."""
-        count = 0
+        count, datamodule = 0, trainer.datamodule
         while pl_module.finished:
             explanation = pl_module.finished.pop(0)
-            picture = load_image(explanation.path)
-            self.run.write(explanation.name, picture, explanation.fused, explanation.stage_maps, explanation.row,
-                           rank=trainer.global_rank)
+            picture = datamodule.picture(explanation.path)  # upright, windowed, on the run's background
+            height, width = picture.height, picture.width  # maps back onto the original pixels (data.resize)
+            fused = datamodule.map_to_original(explanation.fused, height, width)
+            stage_maps = [datamodule.map_to_original(m, height, width) for m in explanation.stage_maps]
+            self.run.write(explanation.name, picture, fused, stage_maps, explanation.row, rank=trainer.global_rank)
             self.written += 1
             count += 1
             self.log_overlay(trainer, explanation.name, explanation.row)

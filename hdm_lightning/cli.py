@@ -18,17 +18,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from hdm_lightning.callbacks import HDMSchedule, MapWriter
+from hdm_lightning.dashboard import RunMetrics
 from hdm_lightning.data import ExplanationDataModule
 from hdm_lightning.models import output_classes
 from hdm_lightning.module import MaskExplainer
 from hdm_lightning.outputs import RunFolder
-from hdm_lightning.report import failure_summary
+from hdm_lightning.progress import ImageProgressBar
+from hdm_lightning.report import failure_summary, write_report
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy, rank_path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -78,6 +81,15 @@ class HDMCLI(LightningCLI):
                 },
             }
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        """Adds the image progress bar (unless ``--trainer.enable_progress_bar false`` or another
+        progress bar is given) and the run-level dashboard metrics to the Trainer's callbacks."""
+        extra = [RunMetrics()]
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(ImageProgressBar())
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def before_instantiate_classes(self) -> None:
         self.replace_plain_ddp()
@@ -187,9 +199,8 @@ def reject_bad_inputs(datamodule: ExplanationDataModule, classifier, run: RunFol
     files go to ``failed.jsonl`` (written by rank 0) and the rest run. Returns how many failed."""
     datamodule.setup()
     failed = datamodule.validate(output_classes(classifier, len(datamodule.mean), datamodule.image_size))
-    if write:
-        for record, reason in failed:
-            run.record_failure(record.path, reason)
+    if write:  # a rerun checks every input again; rows already in failed.jsonl are not repeated
+        run.record_failures([(record.path, reason) for record, reason in failed])
     return len(failed)
 
 
@@ -305,10 +316,14 @@ def finish_wandb(trainer) -> None:
 
 
 def report(run: RunFolder, datamodule: ExplanationDataModule, total: int) -> None:
+    """The end summary (explained, failed and where to read why), after the figures and the page."""
     done = run.read_index()
+    page = write_report(run.root, redraw=False) if done or (run.root / "failed.jsonl").is_file() else None
     print(f"\n{failure_summary(run.root, total)}\nOutputs in {run.root.resolve()}:")
     print("  maps/      fused maps (.npy, original resolution)\n  stages/    stage maps\n"
-          "  overlays/  PNG overlays\n  index.jsonl one row per image")
+          "  overlays/  PNG overlays\n  figures/   picture, every stage map and the fused map\n"
+          "  index.jsonl one row per image\n  report.html every image and failure, one file"
+          + (f"\nReport page: {page.resolve()}" if page is not None else ""))
     for row in list(done.values())[:10]:
         print(f"  {row['name']}: {row['class_name']} (logit {row['logit']:.2f}, kept by the map "
               f"{row['masked_logit']:.2f}), {row['steps']} steps, {row['seconds']:.1f} s")

@@ -209,6 +209,7 @@ class ExplanationDataModule(LightningDataModule):
         self.resize = resize
         self.decoding = Decoding(tuple(window) if window is not None else None, tuple(background), allow_large_images)
         self.records: list[ImageRecord] = []
+        self.rejected: list[tuple[ImageRecord, str]] = []  # records :meth:`validate` took out, with why
 
     def setup(self, stage: str | None = None) -> None:
         if not self.records:
@@ -221,7 +222,13 @@ class ExplanationDataModule(LightningDataModule):
         classes, and write each failure to ``failed.jsonl``. Indices into :attr:`records` change.
         """
         self.records, failed = validate_records(self.records, num_classes, self.decoding)
+        self.rejected = [*self.rejected, *failed]
         return failed
+
+    def rejected_share(self, rank: int, world_size: int) -> int:
+        """How many of the rejected records count as this rank's (for its image counts): every one on
+        exactly one rank, as :meth:`shard` shares the others."""
+        return len(range(rank, len(self.rejected), world_size))
 
     def shard(self, rank: int, world_size: int) -> list[int]:
         """Indices of the records this rank explains: every image on exactly one rank, no padding."""

@@ -127,5 +127,17 @@ class RunFolder:
         return np.load(self.map_path(name))
 
     def record_failure(self, path: str, error: str) -> None:
-        append_line(self.root / "failed.jsonl", {"image": path, "error": error})
+        """Appends ``{"image", "error"}`` to ``failed.jsonl``, unless that row is there already: a
+        rerun, which checks every input again, adds no duplicate."""
+        self.record_failures([(path, error)])
+
+    def record_failures(self, failures: list[tuple[str, str]]) -> None:
+        """:meth:`record_failure` for many, reading ``failed.jsonl`` once."""
+        file = self.root / "failed.jsonl"
+        lines = file.read_text().splitlines() if file.is_file() else []
+        seen = {(row.get("image"), row.get("error")) for row in map(json.loads, filter(str.strip, lines))}
+        for path, error in failures:
+            if (path, error) not in seen:
+                append_line(file, {"image": path, "error": error})
+                seen.add((path, error))
 

@@ -134,9 +134,14 @@ def write_figure(run: RunFolder, row: dict, decoding: Decoding = Decoding()) -> 
     return Entry(row, path, problem)
 
 
-def write_figures(run: RunFolder, decoding: Decoding) -> list[Entry]:
-    """``figures/<name>.png`` for every finished image of the run."""
-    return [write_figure(run, row, decoding) for row in run.read_index().values()]
+def write_figures(run: RunFolder, decoding: Decoding, redraw: bool = True) -> list[Entry]:
+    """``figures/<name>.png`` for every finished image of the run; with ``redraw`` false, only
+    those that have none yet (a finished image's maps never change, so neither does its figure)."""
+    entries = []
+    for name, row in run.read_index().items():
+        figure = run.root / "figures" / f"{name}.png"
+        entries.append(Entry(row, figure) if figure.is_file() and not redraw else write_figure(run, row, decoding))
+    return entries
 
 
 # --------------------------------------------------------------------------------- HTML
@@ -227,12 +232,13 @@ def failure_summary(run_dir: str | Path, total: int) -> str:
     return line + f". Report: python -m hdm_lightning.report --run {run.root}"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Figures and ``report.html`` of a run folder; returns the page's path."""
+def write_report(run_dir: str | Path, redraw: bool = True) -> Path:
+    """Figures and ``report.html`` of a run folder; returns the page's path. With ``redraw``
+    false, existing figures are kept (what the training command does at the end of each run)."""
     run = RunFolder(run_dir)
     if not (run.root / "index.jsonl").is_file() and not (run.root / "failed.jsonl").is_file():
         raise ValueError(f"--run {run.root}: no index.jsonl or failed.jsonl; is it a run folder of train_masks.py?")
-    entries = write_figures(run, run_decoding(run.root))
+    entries = write_figures(run, run_decoding(run.root), redraw)
     page = run.root / "report.html"
     atomic_write_bytes(page, report_html(run.root, entries, read_failures(run.root)).encode())
     return page

@@ -144,3 +144,54 @@ def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
                        "--schedule.max_steps", "60", "--out_dir", str(tmp_path), "--trainer.logger", "false"])
     assert cli.model.hparams.lr_horizon == 60 and cli.model.hparams.lr_schedule == "cosine"
     assert isinstance(cli.model.consistency, EvidenceConsistency) and isinstance(cli.model.fusion, EvidenceFusion)
+
+
+SPOT_CLASSIFIER = {"class_path": "hdm_lightning.models.ImportedClassifier",
+                   "init_args": {"network": "tests.helpers.tiny.SpotClassifier"}}
+
+
+def test_rows_carry_the_picture_hash_and_evaluate_refuses_swapped_pictures(images, tmp_path):
+    import hashlib
+
+    from hdm_lightning.evaluate import main as evaluate
+
+    out = tmp_path / "run"
+    run(images, out, "--trainer.logger=false", "--schedule.stages=1")
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert {r["name"]: r["sha256"] for r in rows} == {
+        p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in images.glob("*.png")}
+    args = ["--runs", str(out), "--data.images", str(images), "--data.image_size", "32", "--data.mean", "[0.5,0.5,0.5]",
+            "--data.std", "[0.5,0.5,0.5]", "--model.classifier", json.dumps(SPOT_CLASSIFIER), "--device", "cpu",
+            "--out_dir", str(tmp_path / "eval"), "--metrics", "[confidence]"]
+    assert set(evaluate(args).images) == {"spot0", "spot1", "spot2"}  # the run's own pictures pass
+    first, second = (images / "spot1.png").read_bytes(), (images / "spot2.png").read_bytes()
+    (images / "spot1.png").write_bytes(second)
+    (images / "spot2.png").write_bytes(first)
+    with pytest.raises(ValueError, match="image 'spot1' is not the picture its map was made for"):
+        evaluate(args)
+
+
+def test_padded_maps_lie_on_the_region_of_the_original_picture(tmp_path):
+    """A 32 x 64 picture padded into the 32 x 32 input: its rows 0-16, columns 36-52 fall on the
+    classifier's square (input rows 8-16, columns 18-26), so the map must be there, at 32 x 64.
+    Undoing a squash instead would put the map on rows 8-16 only (input rows 0-8 are padding)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).uniform(0.2, 0.5, size=(32, 64, 3))
+    region = np.zeros((32, 64), dtype=bool)
+    region[0:16, 36:52] = True
+    pixels[region] = 0.95
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / "wide.png")
+    out = tmp_path / "run"
+    run(folder, out, "--data.resize=pad", "--trainer.logger=false", "--schedule.min_steps=20",
+        "--schedule.max_steps=40", "--schedule.check_every=10")
+    saliency = np.load(out / "maps" / "wide.npy")
+    assert saliency.shape == (32, 64)
+    outside = saliency[~region].mean()
+    assert saliency[region].mean() > 2 * outside
+    assert saliency[0:8, 36:52].mean() > 2 * outside  # the region's top half, padding in the input's frame
+    for stage in (1, 2):
+        stage_map = np.load(out / "stages" / f"wide_stage{stage}.npy")
+        assert stage_map.shape == (32, 64)
+    assert np.load(out / "stages" / "wide_stage1.npy")[region].mean() > 2 * np.load(
+        out / "stages" / "wide_stage1.npy")[~region].mean()

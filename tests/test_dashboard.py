@@ -52,3 +52,33 @@ def test_mask_image_keeps_the_scale_fixed():
     low, high = mask_image(np.full((2, 2), 0.1)), mask_image(np.full((2, 2), 0.9))
     assert low.dtype == np.uint8 and not np.array_equal(low, high)  # not min-max per image: 0.1 stays dark
     assert np.array_equal(mask_image(np.full((2, 2), 1.5)), mask_image(np.ones((2, 2))))
+
+
+def test_the_engine_logs_coloured_masks_and_run_metrics_through_the_cli(tmp_path):
+    """A real CLI run with offline W&B: the watched image's level masks are visible images, and the
+    run-level metrics count the images."""
+    from hdm_lightning.cli import main
+    from tests.helpers.tiny import spot_images
+    from tests.test_cli import SMALL
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=2)
+    out = tmp_path / "run"
+    main([f"--data.images={folder}", f"--out_dir={out}", *SMALL, "--schedule.stages=1",
+          "--trainer.logger.init_args.mode=offline"])
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    (run_file,) = run_dir.glob("*.wandb")
+    rows = history_rows(run_file)
+    masks = [row for row in rows if any(key.startswith("masks/stage0/level") and key.endswith("/filenames")
+                                        for key in row)]
+    assert masks, "level masks logged"
+    for row in masks:
+        for key in [k for k in row if k.endswith("/filenames")]:
+            for name in row[key]:
+                with Image.open(run_dir / "files" / name) as stored:
+                    pixels = np.asarray(stored.convert("RGB"))
+                assert pixels.shape[:2] == (32, 32) and pixels.std() > 10  # coloured, not the black float panel
+    final = [row for row in rows if "progress/images_done" in row][-1]
+    assert final["progress/images_done"] == 2 and final["progress/images_total"] == 2
+    assert final["progress/images_failed"] == 0

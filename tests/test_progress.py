@@ -44,3 +44,34 @@ def test_pace_and_time_left_start_at_a_resume():
     assert meter.per_minute(finished=130, now=1060.0) == 30.0
     assert meter.seconds_left(finished=130, total=160, now=1060.0) == 60.0
     assert format_in_flight({}) == "-"
+
+
+def test_the_cli_counts_images_with_the_inputs_rejected_before_the_first_step(tmp_path, capsys):
+    """Through the real CLI: a file that fails the pre-run check counts as failed of the total, on
+    the bar and in the summary, and a rerun of the folder adds no second row to failed.jsonl."""
+    import json
+
+    from hdm_lightning.cli import main
+    from tests.helpers.tiny import spot_images
+    from tests.test_cli import SMALL
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=3)
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    args = [f"--data.images={folder}", f"--out_dir={out}", *SMALL, "--trainer.logger=false", "--schedule.stages=1",
+            "--data.batch_size=1"]  # one image at a time: each finishes at its own step
+    main([*args, "--trainer.enable_progress_bar=true"])  # pytest's stdout is no terminal: one line per image
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("images ")]
+    assert [re.match(r"images (\d+)/4 ", line).group(1) for line in lines] == ["2", "3", "4"]  # 1 failed at start
+    assert "(3 explained, 1 failed)" in lines[-1]
+    assert "Explained 3 of 4 images; 1 failed" in printed
+
+    main(args)  # a rerun of the same folder, without the bar
+    printed = capsys.readouterr().out
+    assert not [line for line in printed.splitlines() if line.startswith("images ")]  # enable_progress_bar=false
+    assert "Explained 3 of 4 images; 1 failed" in printed
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["image"] for f in failed] == [str(folder / "broken.png")]

@@ -29,6 +29,15 @@ def run_dir(tmp_path_factory):
     return root / "run"
 
 
+def test_the_training_command_writes_the_figures_and_the_page(run_dir):
+    """Before any ``python -m hdm_lightning.report``: the CLI run itself left them."""
+    for name in ("spot0", "spot1"):
+        with Image.open(run_dir / "figures" / f"{name}.png") as figure:
+            assert figure.width > 3 * figure.height and np.asarray(figure.convert("RGB")).std() > 20
+    text = (run_dir / "report.html").read_text()
+    assert "2 images explained, 1 failed" in text and 'alt="spot0"' in text and 'alt="spot1"' in text
+
+
 def test_figures_show_the_picture_and_every_map(run_dir):
     page = main(["--run", str(run_dir)])
     assert page == run_dir / "report.html"

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from hdm_lightning.callbacks import HDMSchedule
+from hdm_lightning.data import file_hash
 from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
 from tests.helpers.run import build, explain, maps
@@ -81,8 +82,10 @@ def test_resumed_run_equals_uninterrupted_run(images, tmp_path, stop_at):
     for name in expected:
         np.testing.assert_array_equal(resumed[name], expected[name])
     assert trainer.global_step == max(finished.at.values())  # no step redone or skipped
-    rows = [json.loads(x)["name"] for x in (out / "index.jsonl").read_text().splitlines()]
-    assert sorted(rows) == sorted(expected)  # no image written twice
+    rows = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == sorted(expected)  # no image written twice
+    for row in rows:  # images in flight at the kill keep the hash of the file they started from
+        assert row["sha256"] == file_hash(row["image"])
     assert done_before == {name for name, at in finished.at.items() if at <= stop_at}
 
 
