@@ -22,11 +22,12 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from hdm_lightning.dashboard import log_mask_images
+from hdm_lightning.dashboard import image_metrics, log_mask_images
 from hdm_lightning.masks import upsample
 from hdm_lightning.module import ImageState
 from hdm_lightning.outputs import RunFolder
 from hdm_lightning.pool import Convergence, Item, first_items, successors
+from hdm_lightning.report import write_figure
 
 
 @dataclass
@@ -38,6 +39,11 @@ class Explanation:
     fused: Tensor  # (H, W)
     stage_maps: Tensor  # (T, H, W)
     row: dict
+
+
+def takes_images(trainer: pl.Trainer) -> bool:
+    """Whether a logger takes images (W&B, TensorBoard)."""
+    return any(hasattr(logger, "log_image") for logger in trainer.loggers)
 
 
 def log_images(trainer: pl.Trainer, key: str, images: list[np.ndarray], captions: list[str]) -> None:
@@ -195,11 +201,12 @@ class HDMSchedule(Callback):
             item = pool.items[slot]
             state = self.images[item.image]
             state.steps += pool.own_steps(slot)
+            loss = pool.loss[slot].clone()  # its last step's loss (a device copy: the row is reused)
             mask, superimposed = pool.retire(slot, pl_module.size_of(item))
             state.running -= 1
             if item.image == self.watched:
                 logged.setdefault(f"masks/stage{item.stage}/level{item.level}", []).append(superimposed)
-            pl_module.end_item(state, item, mask, superimposed)
+            pl_module.end_item(state, item, mask, superimposed, loss)
             state.pending.extend(successors(pl_module.chains, item))
             if not state.running and not state.pending:
                 self.end_stage(trainer, pl_module, state)
@@ -231,6 +238,8 @@ class HDMSchedule(Callback):
             "steps": state.steps,
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),
         }
+        if state.final_losses:  # per stage run: the mean over its items of each one's last loss
+            row["final_loss"] = torch.stack(state.final_losses).tolist()
         digest = self.hashes.pop(state.name, None)
         if digest is not None:  # evaluate checks that the pictures it scores are these files
             row["sha256"] = digest
@@ -317,11 +326,18 @@ class HDMSchedule(Callback):
 
 
 class MapWriter(Callback):
-    """Writes finished explanations (maps, stage maps, overlay, index row) and logs the overlays.
+    """Writes finished explanations (maps, stage maps, overlay, index row) and logs them.
 
     Each rank writes the images it explained, so every image is written once, by its owner, and
     appends its rows to its own index file; ``index.jsonl`` is their merge, rewritten at the start
     and the end of a run and at most every ``merge_seconds`` in between.
+
+    Where a logger takes images (W&B, TensorBoard), each image's figure (``figures/<name>.png``,
+    :func:`~hdm_lightning.report.write_figure`) is drawn as it is written, and its overlay and
+    figure go to the loggers; rank 0 logs the other ranks' at the end, from the run folder. Without
+    such a logger the figures are left to the end report. At every merge rank 0 logs the run-level
+    means of the merged rows (:func:`~hdm_lightning.dashboard.image_metrics`: kept-logit ratio,
+    final loss per stage), so they cover every rank's images and those of earlier runs.
 
     Args:
         out_dir: the run folder.
@@ -338,28 +354,32 @@ class MapWriter(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # rows of a killed run's images without a map go
-            self.merge()
+            self.merge(trainer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.flush(trainer, pl_module) and time.perf_counter() - self.merged > self.merge_seconds:
-            self.merge()
+            self.merge(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
         if trainer.is_global_zero:  # every rank has written its images before the ranks stop together
-            self.merge()
+            self.merge(trainer)
         if trainer.world_size > 1 and trainer.is_global_zero:  # the other ranks' images, from the run folder
             for name, row in self.run.read_index().items():
                 if name not in self.logged:
-                    self.log_overlay(trainer, name, row)
+                    self.log_outputs(trainer, name, row)
 
-    def merge(self) -> None:
-        self.run.merge_index()
+    def merge(self, trainer: pl.Trainer) -> None:
+        """Rewrites ``index.jsonl``; rank 0 logs the run-level means of its rows."""
+        rows = self.run.merge_index()
         self.merged = time.perf_counter()
+        metrics = image_metrics(list(rows.values())) if trainer.is_global_zero else {}
+        for logger in trainer.loggers if metrics else ():
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         """Writes the finished explanations; returns how many."""
@@ -373,14 +393,22 @@ class MapWriter(Callback):
             self.run.write(explanation.name, picture, fused, stage_maps, explanation.row, rank=trainer.global_rank)
             self.written += 1
             count += 1
-            self.log_overlay(trainer, explanation.name, explanation.row)
+            if takes_images(trainer):  # the figure of the dashboard, drawn once: the end report keeps it
+                write_figure(self.run, explanation.row, datamodule.decoding)
+            self.log_outputs(trainer, explanation.name, explanation.row)
         return count
 
-    def log_overlay(self, trainer: pl.Trainer, name: str, row: dict) -> None:
+    def log_outputs(self, trainer: pl.Trainer, name: str, row: dict) -> None:
+        """The image's overlay and, where it has been drawn, its figure, to the loggers."""
         self.logged.add(name)
-        if any(hasattr(logger, "log_image") for logger in trainer.loggers):
-            with Image.open(self.run.root / "overlays" / f"{name}.png") as overlay:
-                log_images(trainer, "overlays", [np.asarray(overlay)], [f"{name}: {row['class_name']}"])
+        if not takes_images(trainer):
+            return
+        caption = [f"{name}: {row['class_name']}"]
+        for key, path in (("overlays", self.run.root / "overlays" / f"{name}.png"),
+                          ("figures", self.run.root / "figures" / f"{name}.png")):
+            if path.is_file():
+                with Image.open(path) as picture:
+                    log_images(trainer, key, [np.asarray(picture.convert("RGB"))], caption)
 
     @override
     def state_dict(self) -> dict[str, Any]:

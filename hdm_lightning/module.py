@@ -57,6 +57,9 @@ class ImageState:
     stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
     references: list[Tensor] = field(default_factory=list)  # f_c(x^(t)) of each finished stage
     stage_sum: Tensor | None = None  # Σ level maps of the current stage, (H, W)
+    stage_loss: Tensor | None = None  # Σ over the current stage's retired items of each one's last loss, 0-d
+    stage_items: int = 0  # items of the current stage that retired with a loss
+    final_losses: list[Tensor] = field(default_factory=list)  # per finished stage: mean last loss of its items
     previous: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # chain -> (P_l, M_l)
     pending: list[Item] = field(default_factory=list)  # items waiting for a free row
     running: int = 0  # items in the pool
@@ -334,9 +337,14 @@ class MaskExplainer(LightningModule):
         self.load_stage(state)
 
     @torch.no_grad()
-    def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor) -> None:
+    def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,
+                 loss: Tensor | None = None) -> None:
         """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` added to the stage sum (once per chain it
-        stands for); ``P_l`` and ``M_l`` kept for the chains' next level."""
+        stands for); ``P_l`` and ``M_l`` kept for the chains' next level. ``loss``, the item's last
+        loss (0-d, on the device: no host sync), is added to the stage's final-loss accumulator."""
+        if loss is not None:
+            state.stage_loss = loss.detach().clone() if state.stage_loss is None else state.stage_loss + loss
+            state.stage_items += 1
         chains = sharing(self.chains, item)
         previous = state.previous[item.chain][1][None] if item.level > 0 else None
         level_map = M.level_map(mask[None], previous, state.stage_sum.shape)[0]  # (H, W)
@@ -352,10 +360,14 @@ class MaskExplainer(LightningModule):
 
     @torch.no_grad()
     def end_stage(self, state: ImageState) -> None:
-        """Stage map ``S_t = minmax(Σ level maps)`` appended to the image's maps, with ``f_c(x^(t))``."""
+        """Stage map ``S_t = minmax(Σ level maps)`` appended to the image's maps, with ``f_c(x^(t))``
+        and the stage's final loss (the mean of its items' last losses, where they were given)."""
         state.stage_maps.append(M.minmax(state.stage_sum[None])[0])
         state.references.append(state.reference)
+        if state.stage_items:
+            state.final_losses.append(state.stage_loss / state.stage_items)
         state.stage_sum, state.previous = None, {}
+        state.stage_loss, state.stage_items = None, 0
 
     @torch.no_grad()
     def remaining_probability(self, state: ImageState) -> float:

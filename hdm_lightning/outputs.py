@@ -118,10 +118,11 @@ class RunFolder:
         rows = [json.loads(line) for p in paths if p.is_file() for line in p.read_text().splitlines() if line.strip()]
         return {row["name"]: row for row in rows if self.is_done(row["name"])}
 
-    def merge_index(self) -> None:
-        """Rewrites ``index.jsonl`` atomically: one row per image with a map."""
-        rows = "".join(json.dumps(row) + "\n" for row in self.read_index().values())
-        atomic_write_bytes(self.root / "index.jsonl", rows.encode())
+    def merge_index(self) -> dict[str, dict]:
+        """Rewrites ``index.jsonl`` atomically: one row per image with a map. Returns the rows."""
+        rows = self.read_index()
+        atomic_write_bytes(self.root / "index.jsonl", "".join(json.dumps(row) + "\n" for row in rows.values()).encode())
+        return rows
 
     def load_map(self, name: str) -> np.ndarray:
         return np.load(self.map_path(name))

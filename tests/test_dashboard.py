@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from hdm_lightning import masks as M
 from hdm_lightning.dashboard import RunMetrics, log_mask_images, mask_image
 from tests.helpers.progressing import IMAGES, STEPS, Progressing
 from tests.helpers.wandb_file import history_rows
@@ -55,8 +59,9 @@ def test_mask_image_keeps_the_scale_fixed():
 
 
 def test_the_engine_logs_coloured_masks_and_run_metrics_through_the_cli(tmp_path):
-    """A real CLI run with offline W&B: the watched image's level masks are visible images, and the
-    run-level metrics count the images."""
+    """A real CLI run with offline W&B (2 stages): the watched image's level masks are visible images,
+    the run-level metrics count the images and give the mean kept-logit ratio and the final loss of
+    each stage of the index rows, and each image's figure is logged and not blank."""
     from hdm_lightning.cli import main
     from tests.helpers.tiny import spot_images
     from tests.test_cli import SMALL
@@ -65,8 +70,7 @@ def test_the_engine_logs_coloured_masks_and_run_metrics_through_the_cli(tmp_path
     folder.mkdir()
     spot_images(folder, count=2)
     out = tmp_path / "run"
-    main([f"--data.images={folder}", f"--out_dir={out}", *SMALL, "--schedule.stages=1",
-          "--trainer.logger.init_args.mode=offline"])
+    main([f"--data.images={folder}", f"--out_dir={out}", *SMALL, "--trainer.logger.init_args.mode=offline"])
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     (run_file,) = run_dir.glob("*.wandb")
     rows = history_rows(run_file)
@@ -82,3 +86,64 @@ def test_the_engine_logs_coloured_masks_and_run_metrics_through_the_cli(tmp_path
     final = [row for row in rows if "progress/images_done" in row][-1]
     assert final["progress/images_done"] == 2 and final["progress/images_total"] == 2
     assert final["progress/images_failed"] == 0
+
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 2
+    for row in index:  # one final loss per stage run, each the mean of that stage's items' last losses
+        assert row["stages"] == 2 and len(row["final_loss"]) == 2
+        assert all(np.isfinite(loss) and loss > 0 for loss in row["final_loss"])
+    quality = [row for row in rows if "quality/mean_kept_ratio" in row][-1]
+    ratios = [row["masked_logit"] / row["logit"] for row in index if row["logit"] > 0]
+    assert ratios and quality["quality/mean_kept_ratio"] == pytest.approx(np.mean(ratios))
+    for t in (1, 2):
+        expected = np.mean([row["final_loss"][t - 1] for row in index])
+        assert quality[f"quality/stage{t}_final_loss"] == pytest.approx(expected)
+    assert "quality/stage3_final_loss" not in quality
+    figures = [(caption.split(":")[0], name) for row in rows if "figures/filenames" in row
+               for caption, name in zip(row["figures/captions"], row["figures/filenames"])]
+    assert sorted(image for image, _ in figures) == sorted(row["name"] for row in index)  # each image once
+    for image, name in figures:
+        with Image.open(run_dir / "files" / name) as stored, Image.open(out / "figures" / f"{image}.png") as kept:
+            pixels = np.asarray(stored.convert("RGB"))
+            assert np.array_equal(pixels, np.asarray(kept.convert("RGB")))  # the run folder's figure, drawn once
+        assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # picture and maps, not blank
+
+
+def test_a_stage_final_loss_is_the_mean_of_its_items_last_losses_and_survives_a_checkpoint(tmp_path):
+    """``end_item`` adds each item's last loss, ``end_stage`` appends their mean; an image state saved
+    and restored mid-stage (a resume) ends with the same numbers, bitwise."""
+    from hdm_lightning.module import ImageState
+    from hdm_lightning.pool import Item
+    from tests.helpers.run import build
+    from tests.helpers.tiny import spot_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spot_images(folder, count=1)
+    model, data, _ = build(folder, tmp_path / "run", module={"benchmark_sizes": (3,), "block_factors": (2,),
+                                                               "max_size": 6})
+    data.setup()
+    image = data.batch([0])["images"][0]
+    model.image_rows(1, tuple(image.shape))
+    a0, a1 = torch.rand(3, 3), torch.rand(6, 6)
+    losses = [torch.tensor(0.7), torch.tensor(0.2), torch.tensor(0.4)]
+
+    def run(resume: bool) -> ImageState:
+        state = model.begin_image(0, "spot0", "", 0, image, -1)
+        model.begin_stage(state)
+        model.end_item(state, Item(0, 0, 0, 0), a0, a0, losses[0])
+        if resume:
+            state = ImageState.from_state_dict(state.state_dict(), torch.device("cpu"))
+        model.end_item(state, Item(0, 0, 0, 1), a1, M.replicate(a0, 2) * a1, losses[1])
+        model.end_stage(state)
+        state.stage = 1
+        model.begin_stage(state)
+        model.end_item(state, Item(0, 1, 0, 0), a0, a0, losses[2])
+        model.end_item(state, Item(0, 1, 0, 1), a1, M.replicate(a0, 2) * a1)  # no loss given: not counted
+        model.end_stage(state)
+        return state
+
+    whole, resumed = run(resume=False), run(resume=True)
+    assert torch.stack(whole.final_losses).tolist() == pytest.approx([0.45, 0.4])
+    assert torch.equal(torch.stack(whole.final_losses), torch.stack(resumed.final_losses))
+    assert whole.stage_loss is None and whole.stage_items == 0  # reset for the next stage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -45,10 +46,28 @@ def records(path: Path) -> list:
     return parsed
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """:func:`records` once the file holds the run's ``exit`` record: ``wandb.finish()`` can return
+    before W&B's core process has written the file out (a race seen in about one run in three)."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            parsed = records(path)
+            if any(record.WhichOneof("record_type") == "exit" for record in parsed):
+                return parsed
+        except DecodeError:  # a record still being written
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout} s; did the run call wandb.finish()?")
+        time.sleep(0.2)
+
+
 def history_rows(path: Path) -> list[dict]:
-    """The logged history rows: ``{key: value}`` with values decoded from JSON."""
+    """The logged history rows of a finished run: ``{key: value}`` with values decoded from JSON."""
     rows = []
-    for record in records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
