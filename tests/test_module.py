@@ -63,8 +63,9 @@ def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_pat
     folder.mkdir()
     spot_images(folder, count=3, seed=3)
     schedule = {"min_steps": 5, "max_steps": 80, "patience": 5, "check_every": 5, "min_delta": 0.01}
-    crowded = explain(folder, tmp_path / "crowded", batch_size=3, schedule=schedule, module={"max_items": 3})
-    alone = explain(folder, tmp_path / "alone", batch_size=1, schedule=schedule)
+    module = {"lr_schedule": "constant"}  # at a constant rate these items stop at different steps
+    crowded = explain(folder, tmp_path / "crowded", batch_size=3, schedule=schedule, module={**module, "max_items": 3})
+    alone = explain(folder, tmp_path / "alone", batch_size=1, schedule=schedule, module=module)
     rows = [json.loads(line) for line in (crowded.root / "index.jsonl").read_text().splitlines()]
     assert len({row["steps"] for row in rows}) > 1  # the images' items stopped at different steps
     together, single = maps(crowded), maps(alone)
