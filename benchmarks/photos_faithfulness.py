@@ -8,6 +8,7 @@ Increase in Confidence. No ground truth: localisation is measured by
 
 Usage:
     python benchmarks/photos_faithfulness.py [--out runs/photos]
+    python benchmarks/photos_faithfulness.py --methods HDM "HDM reference" --photos 4 --num_steps 56
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:roc
 METHODS = {
     "HDM": ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false"],
+    # the reference's term, fusion and constant rate at the fast preset's sizes and steps (the defaults
+    # before issue 7)
+    "HDM reference": ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
+                      "--trainer.enable_progress_bar=false", "--model.consistency=SquaredConsistency",
+                      "--model.fusion=SumFusion", "--model.lr=0.05", "--model.lr_schedule=constant"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",
@@ -42,21 +48,27 @@ def run(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "photos")
+    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if m != "HDM reference"],
+                        choices=list(METHODS))
+    parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many of the photos (first N)")
+    parser.add_argument("--num_steps", type=int, default=224, help="points of the deletion/insertion curves")
     args = parser.parse_args()
+    methods = {name: METHODS[name] for name in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
     listing = args.out / "photos.txt"
-    listing.write_text("\n".join(PHOTOS) + "\n")
+    listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
     data = [f"--data.images={listing}", "--data.batch_size=4"]
     folders, seconds = {}, {}
-    for name, command in METHODS.items():
+    for name, command in methods.items():
         folders[name] = args.out / name.split(" (")[0].replace(" ", "_")
         seconds[name] = run([*command, *data, f"--out_dir={folders[name]}"])
     run(["-m", "hdm_lightning.evaluate", "--runs", *map(str, folders.values()), *data,
-         "--metrics=[deletion,insertion,confidence]", f"--out_dir={args.out / 'eval'}"])
+         "--metrics=[deletion,insertion,confidence]", f"--deletion.num_steps={args.num_steps}",
+         f"--insertion.num_steps={args.num_steps}", f"--out_dir={args.out / 'eval'}"])
     lines = (args.out / "eval" / "results.md").read_text().splitlines()
     lines[0] += " seconds |"
     lines[1] += "---|"
-    for i, name in enumerate(METHODS, start=2):
+    for i, name in enumerate(methods, start=2):
         lines[i] += f" {seconds[name]:.0f} |"
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
