@@ -59,18 +59,20 @@ def names(folder: Path) -> list[str]:
 
 def auc_change(out: Path, size: int) -> dict[str, tuple[float, float]]:
     """Deletion and insertion AUC of the float32 (batch1) and bf16 maps, per image."""
-    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD, load_image, to_tensor
+    from hdm_lightning.data import ExplanationDataModule
     from hdm_lightning.metrics import functional as MF
     from hdm_lightning.models import EfficientNetLite0
 
     classifier = EfficientNetLite0().eval()
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    data = ExplanationDataModule(str(out / "photos.txt"), image_size=size)  # the runs' own preprocessing
+    data.setup()
     rows = {json.loads(line)["name"]: json.loads(line) for line in (out / "batch1" / "index.jsonl").open()}
     result = {}
     with torch.no_grad():
-        for name, row in rows.items():
-            image = to_tensor(load_image(row["image"]), size, mean, std)[None]
-            target = torch.tensor([row["target"]])
+        for index, record in enumerate(data.records):
+            name = record.name
+            image = data.batch([index])["images"]
+            target = torch.tensor([rows[name]["target"]])
             scores = []
             for run_name in ("batch1", "bf16"):
                 saliency = torch.from_numpy(np.load(out / run_name / "maps" / f"{name}.npy"))[None, None]
