@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from hdm_lightning.cli import main
 from tests.helpers.tiny import spot_images
 from tests.test_cli import SMALL
-from tests.test_resume import Killed
+from tests.test_resume import Kill, Killed  # noqa: F401 (Kill: named on the command line below)
 
 
 class CountSteps(Callback):
@@ -24,15 +24,6 @@ class CountSteps(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         CountSteps.steps += 1
-
-
-class KillAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            raise Killed
 
 
 @pytest.fixture
@@ -112,7 +103,7 @@ def test_a_changed_setting_is_refused_before_any_work(images, tmp_path, change, 
 def test_a_corrupt_checkpoint_gets_one_line_naming_the_file(images, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run(images, out, "--data.batch_size=1", "--trainer.callbacks+=tests.test_rerun.KillAt",
+        run(images, out, "--data.batch_size=1", "--trainer.callbacks+=tests.test_resume.Kill",
             "--trainer.callbacks.at=55", "--checkpoint.every_n_train_steps=5")
     assert (out / "maps" / "spot0.npy").is_file()
     done = stamps(out)
@@ -133,7 +124,7 @@ def test_resume_false_starts_the_work_in_flight_over_also_with_a_slurm_checkpoin
     run(images, whole)
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run(images, out, "--trainer.callbacks+=tests.test_rerun.KillAt", "--trainer.callbacks.at=17",
+        run(images, out, "--trainer.callbacks+=tests.test_resume.Kill", "--trainer.callbacks.at=17",
             "--checkpoint.every_n_train_steps=5")
     hpc = out / "hpc_ckpt_1.ckpt"  # what Lightning writes on SLURM's SIGUSR1, and loads by itself under SLURM
     shutil.copy(out / "checkpoints" / "last.ckpt", hpc)
