@@ -48,14 +48,17 @@ class SumFusion(Fusion):
 
 
 class EvidenceFusion(Fusion):
-    """Each stage weighted by the evidence for the class that its regions hold.
+    """Each stage weighted by the evidence for the class that removing its new regions takes away.
 
-    ``w_t = clamp((f_c(x ⊙ K_t) − f_c(x ⊙ K_t ⊙ (1 − S_t))) / (f_c(x) − f_c(x_0)), 0, 1)`` with
-    ``K_t = 1 − C_{t−1}`` what earlier stages left (``K_1 = 1``) and ``x_0`` the substrate alone: the
-    share of the class's evidence that removing the stage's regions takes away. A stage that runs
-    once the evidence is gone still min-max normalises its map to full range; its weight is then
-    near 0 instead of ``1/T`` (issue 7, "stage pollution"). ``F = minmax(Σ_t w_t minmax(S_t))``; an
-    image whose weights are all 0 falls back to equal weights. Costs ``2T + 1`` classifier passes.
+    ``w_t = clamp((f_c(x ⊙ (1 − C_{t−1})) − f_c(x ⊙ (1 − C_t))) / (f_c(x) − f_c(x_0)), 0, 1)`` with
+    ``C_t = minmax(Σ_{τ≤t} S_τ)`` the method's own cumulative map (``C_0 = 0``) and ``x_0`` the
+    substrate alone: the share of the class's evidence that stage ``t`` adds to what the earlier
+    stages removed. The weights telescope: together they are the share that ``C_T`` removes. A stage
+    that runs once the evidence is gone still min-max normalises its map to full range; its weight
+    is then near 0 instead of ``1/T`` (issue 7, "stage pollution"), and a broad stage map counts for
+    what it adds to the cumulative removal, not for everything it covers.
+    ``F = minmax(Σ_t w_t minmax(S_t))``; an image whose weights are all 0 falls back to equal
+    weights. Costs ``T + 1`` classifier passes.
 
     Example:
         >>> maps = torch.tensor([[[[1., 0.]]], [[[0., 1.]]]])  # (T=2, N=1, 1, 2): stage 2 finds pixel 2
@@ -75,12 +78,8 @@ class EvidenceFusion(Fusion):
     def weights(stages: Tensor, score: Score, reference: Tensor) -> Tensor:
         """``(T, N, H, W)`` normalised stage maps -> ``(T, N)`` weights ``w_t``."""
         evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
-        weights = []
-        for t in range(len(stages)):
-            left = 1 - sum_maps(stages[:t]) if t else torch.ones_like(stages[0])  # K_t, (N, H, W)
-            drop = score(left) - score(left * (1 - stages[t]))
-            weights.append((drop / evidence).clamp(0, 1))
-        return torch.stack(weights)
+        left = [reference] + [score(1 - sum_maps(stages[: t + 1])) for t in range(len(stages))]  # f_c(x ⊙ (1 − C_t))
+        return torch.stack([((left[t] - left[t + 1]) / evidence).clamp(0, 1) for t in range(len(stages))])
 
 
 class LearnedFusion(Fusion):

@@ -65,3 +65,20 @@ def test_learned_fusion_scale_follows_the_sparsity_term():
     light = LearnedFusion(steps=200, sparsity_weight=0.01)(stages, score, reference)
     heavy = LearnedFusion(steps=200, sparsity_weight=1.0)(stages, score, reference)
     assert light[(slice(None), *SPOT)].mean() > heavy[(slice(None), *SPOT)].mean() + 0.05
+
+
+def test_evidence_fusion_weights_add_up_to_what_the_cumulative_map_removes():
+    # A broad last stage covers everything at a low level: it counts for what it adds to the
+    # method's cumulative removal C_T, not for all it covers.
+    stages, score, reference = spot_scene()
+    rows, cols = SPOT
+    stages[0] = 0.0
+    stages[0][:, rows, cols.start:(cols.start + cols.stop) // 2] = 1.0  # stage 1: half the square
+    stages = torch.cat([stages, torch.full((1, 1, 32, 32), 0.3)])
+    stages[2][(slice(None), *SPOT)] = 1.0  # stage 3: broad, brightest on the square
+    from hdm_lightning.masks import sum_maps
+    weights = EvidenceFusion.weights(stages, score, reference)
+    evidence = reference - score(torch.zeros(1, 32, 32))
+    removed = (reference - score(1 - sum_maps(stages))) / evidence
+    assert weights[:, 0].sum() == pytest.approx(float(removed[0].clamp(0, 1)), abs=1e-4)
+    assert weights[0, 0] == pytest.approx(0.5, abs=0.05)
