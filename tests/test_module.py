@@ -204,3 +204,19 @@ def test_progress_reports_images_and_items_in_flight(images, tmp_path):
     # 2 images in flight, each with its 2 benchmark masks (sizes 3 and 4) at stage 1, level 0
     assert model.progress() == {"images_total": 2, "images_done": 0, "images_failed": 0,
                                 "in_flight": {"stage0/level0": 4}}
+
+
+def test_compiled_classifier_gives_the_same_maps_without_recompiling(images, tmp_path):
+    """``model.compile``: batches padded to one fixed shape, so nothing recompiles as items come and go."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = maps(explain(images, tmp_path / "compiled", module={"compile": True, "chunk_size": 8}))
+    graphs, recompiles = counters["stats"]["unique_graphs"], dict(counters["recompiles"])
+    torch._dynamo.reset()
+    eager = maps(explain(images, tmp_path / "eager", module={"chunk_size": 8}))
+    assert graphs >= 1 and not recompiles, (graphs, recompiles)  # compiled, and never again for a new shape
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        np.testing.assert_allclose(compiled[name], eager[name], atol=1e-4)
