@@ -109,6 +109,11 @@ class MaskExplainer(LightningModule):
         lr_schedule: ``cosine`` decays each item's rate to 0 over ``lr_horizon`` of its steps (stable
             maps, issue 7); ``constant`` is the reference's.
         lr_horizon: steps of the cosine decay; the CLI links it to ``schedule.max_steps``.
+        relative_eps: Adam's ``ε`` for an ``s×s`` mask as a share of the sparsity term's gradient
+            ``λ_1/s²`` (0: Adam's usual 1e-8). Adam moves every element by about ``lr`` whatever the
+            size of its gradient, so once a later stage has little evidence left, float noise in the
+            consistency gradient steers the masks (issue 7, stability); with ``ε`` on the scale of the
+            sparsity push, an element whose gradient is far below it moves far less than ``lr``.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -139,6 +144,7 @@ class MaskExplainer(LightningModule):
         lr: float = 2e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
+        relative_eps: float = 0.0,
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -166,6 +172,8 @@ class MaskExplainer(LightningModule):
         if lr_schedule not in ("constant", "cosine") or lr_horizon < 1:
             raise ValueError(f"model.lr_schedule must be 'constant' or 'cosine' and model.lr_horizon >= 1, got "
                              f"{lr_schedule!r}, {lr_horizon}")
+        if relative_eps < 0:
+            raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -240,7 +248,12 @@ class MaskExplainer(LightningModule):
     @override
     def configure_optimizers(self):
         horizon = self.hparams.lr_horizon if self.hparams.lr_schedule == "cosine" else None
-        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, horizon=horizon)
+        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, horizon=horizon,
+                        eps=self.adam_eps)
+
+    def adam_eps(self, size: int) -> float:
+        """Adam's ``ε`` for ``size×size`` masks (see ``relative_eps``)."""
+        return self.hparams.relative_eps * self.hparams.sparsity_weight / size**2 or 1e-8
 
     @override
     def setup(self, stage: str) -> None:

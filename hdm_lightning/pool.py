@@ -16,6 +16,7 @@ the pool, up to the float reassociation of a batched classifier pass.
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -273,10 +274,11 @@ class MaskPool(nn.Module):
     # ------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, horizon: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
-             eps: float = 1e-8) -> None:
+             eps: float | Callable[[int], float] = 1e-8) -> None:
         """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
 
-        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps."""
+        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps; ``eps`` may
+        depend on the mask size."""
         if "rows" not in self._chunks:
             self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
                 if len(self) else []
@@ -287,7 +289,7 @@ class MaskPool(nn.Module):
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
             rate = lr if horizon is None else cosine_lr(lr, self.steps[rows], horizon)
             new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows], rate,
-                                                     betas, eps)
+                                                     betas, eps(size) if callable(eps) else eps)
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
 
@@ -331,9 +333,10 @@ class ItemAdam(torch.optim.Optimizer):
     ``Optimizer`` lets the precision plugin unscale gradients (16-mixed) and Lightning count steps.
     """
 
-    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None) -> None:
+    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None,
+                 eps: float | Callable[[int], float] = 1e-8) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
-        self.pool, self.size_of, self.clamp, self.horizon = pool, size_of, clamp, horizon
+        self.pool, self.size_of, self.clamp, self.horizon, self.eps = pool, size_of, clamp, horizon, eps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -341,5 +344,5 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon, eps=self.eps)
         return loss

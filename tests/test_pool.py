@@ -180,3 +180,20 @@ def test_one_item_alone_equals_the_same_item_in_a_pool_with_others():
     crowded = optimise([others[0], mine, *others[1:]], steps=25, chunk_size=3)[1]
     assert not torch.equal(alone, torch.full_like(alone, 0.5))  # it did move
     torch.testing.assert_close(crowded, alone, atol=1e-5, rtol=0)
+
+
+def test_an_eps_on_the_sparsity_scale_damps_steps_driven_by_tiny_gradients():
+    """``model.relative_eps``: a gradient far below ``ε`` moves its element far less than ``lr``, a
+    gradient far above it by about ``lr`` (Adam alone moves both by ``lr``)."""
+    from hdm_lightning.module import MaskExplainer
+
+    explainer = MaskExplainer(SpotClassifier(), benchmark_sizes=(4,), block_factors=(), relative_eps=1.0,
+                              sparsity_weight=1.0)
+    eps = explainer.adam_eps(4)
+    assert eps == pytest.approx(1 / 16)
+    grad = torch.tensor([[[eps * 1e-3, eps * 1e3]]])
+    zeros = torch.zeros_like(grad)
+    for epsilon, expected in ((1e-8, [0.1, 0.1]), (eps, [1e-4, 0.1])):
+        new, _, _ = adam_step(torch.ones_like(grad), grad, zeros, zeros, torch.tensor([1]), 0.1, eps=epsilon)
+        assert (1 - new).flatten().tolist() == pytest.approx(expected, rel=1e-2)
+    assert MaskExplainer(SpotClassifier()).adam_eps(4) == 1e-8

@@ -1,0 +1,110 @@
+"""Presets on the quality/cost frontier: how far is each preset's map from the paper constants'?
+
+Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's top-1
+class through the real command line with ``configs/paper.yaml``, the defaults (``fast``) and
+presets between them; then, per preset: classifier passes per image (the index rows' ``steps``:
+masked images sent through the classifier), seconds per image, deletion and insertion AUC (RISE
+protocol, ``hdm_lightning.evaluate``) and the Pearson correlation of each map with the ``paper``
+map of the same photo. ``paper`` costs 10^5 passes an image, so on a CPU run it at a small input
+size (``--size 64``) and say so. Finished run folders are reused (the run folder is the truth).
+
+Usage:
+    python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:rocket",
+          "matplotlib:grace_hopper.jpg", "sklearn:china.jpg", "sklearn:flower.jpg"]
+#: preset name -> train_masks.py arguments; ``paper`` is the reference every other map is compared with.
+PRESETS = {
+    "fast (defaults)": [],
+    "fast, 200 steps": ["--schedule.min_steps=100", "--schedule.max_steps=200", "--schedule.patience=50",
+                        "--schedule.check_every=25"],
+    "fast, paper's 30 masks": ["--model.benchmark_sizes=[6,7,8,9,10,11]", "--model.block_factors=[2,3,5]"],
+    "paper": ["--config=configs/paper.yaml"],
+}
+COMMON = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+          "--model.chunk_size=32", "--model.max_items=32"]
+
+
+def folder_of(out: Path, preset: str) -> Path:
+    return out / preset.split(" (")[0].replace(" ", "_").replace(",", "").replace("'", "")
+
+
+def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int) -> float:
+    """Explain the photos (a finished folder costs nothing); seconds of this call."""
+    folder = folder_of(out, preset)
+    start = time.perf_counter()
+    if len(list((folder / "maps").glob("*.npy"))) < photos:
+        subprocess.run([sys.executable, "train_masks.py", *PRESETS[preset], *COMMON, f"--data.images={listing}",
+                        f"--data.image_size={size}", "--data.batch_size=4", f"--out_dir={folder}"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def rows(folder: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in map(json.loads, (folder / "index.jsonl").read_text().splitlines())}
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "presets")
+    parser.add_argument("--size", type=int, default=64, help="classifier input side (px)")
+    parser.add_argument("--photos", type=int, default=6, help="how many of the photos (first N)")
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    out = args.out / f"size{args.size}"
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "photos.txt"
+    listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
+    presets = ["paper", *[p for p in args.presets if p != "paper"]]
+    seconds = {p: run_preset(p, out, listing, args.size, args.photos) for p in presets}
+    folders = [str(folder_of(out, p)) for p in presets]
+    subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, f"--data.images={listing}",
+                    f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
+                    "--insertion.num_steps=32", f"--out_dir={out / 'eval'}"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    with open(out / "eval" / "results.csv", newline="") as handle:
+        scores = {row["method"]: {k: float(v) for k, v in row.items() if k != "method"} for row in csv.DictReader(handle)}
+    paper = rows(folder_of(out, "paper"))
+    lines = [f"Presets at {args.size} px on {args.photos} photos, EfficientNet-Lite0, "
+             f"`python benchmarks/presets.py --size {args.size} --photos {args.photos}`", "",
+             "| preset | passes per image | seconds per image | deletion AUC | insertion AUC | correlation with paper (mean, min) |",
+             "|---|---|---|---|---|---|"]
+    for preset in presets:
+        folder = folder_of(out, preset)
+        own = rows(folder)
+        passes = np.mean([r["steps"] for r in own.values()])
+        per_image = np.mean([r["seconds"] for r in own.values()])
+        corr = [correlation(np.load(folder / "maps" / f"{n}.npy"), np.load(folder_of(out, "paper") / "maps" / f"{n}.npy"))
+                for n in paper]
+        score = scores.get(folder.name, {})
+        lines.append(f"| {preset} | {passes:.0f} | {per_image:.1f} | {score.get('deletion_auc', float('nan')):.4f} | "
+                     f"{score.get('insertion_auc', float('nan')):.4f} | {np.mean(corr):.3f}, {np.min(corr):.3f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print({p: round(s) for p, s in seconds.items()}, "seconds of this call per preset")
+
+
+if __name__ == "__main__":
+    main()
