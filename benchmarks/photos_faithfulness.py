@@ -29,7 +29,8 @@ METHODS = {
     # before issue 7)
     "HDM reference": ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
                       "--trainer.enable_progress_bar=false", "--model.consistency=SquaredConsistency",
-                      "--model.fusion=SumFusion", "--model.lr=0.05", "--model.lr_schedule=constant"],
+                      "--model.fusion=SumFusion", "--model.lr=0.05", "--model.lr_schedule=constant",
+                      "--model.relative_eps=0"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",

@@ -10,7 +10,7 @@ deletion and insertion AUC (RISE protocol). Issue 7 asks for >= 0.99 (batch, pro
 
 Usage:
     python benchmarks/stability.py [--size 128] [--photos 4] [--runs batch1 batch4 2proc bf16]
-                                   [--out runs/stability] [--set --model.lr=0.02 ...]
+                                   [--out runs/stability] [--model.lr=0.02 ...]
 """
 
 from __future__ import annotations
@@ -88,11 +88,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "stability")
     parser.add_argument("--size", type=int, default=128, help="classifier input side (px)")
-    parser.add_argument("--set", nargs="*", default=[], help="extra train_masks.py settings for every run")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="extra train_masks.py settings for every run (or put them after the script's own)")
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many of the photos (first N)")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS),
                         help="runs to make (a finished run folder is reused: its rerun does no work)")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # --model.lr=0.05 ... are train_masks.py settings
+    args.set = [*args.set, *extra]
     args.out.mkdir(parents=True, exist_ok=True)
     listing = args.out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")

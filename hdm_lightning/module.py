@@ -92,7 +92,7 @@ def move(value: Any, device: torch.device) -> Any:
 class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
-    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.02 decayed), usable on
+    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed), usable on
     a CPU; ``configs/paper.yaml`` sets the reference constants.
 
     Args:
@@ -141,10 +141,10 @@ class MaskExplainer(LightningModule):
         max_size: int = 50,
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
-        lr: float = 2e-2,
+        lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
-        relative_eps: float = 0.0,
+        relative_eps: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
