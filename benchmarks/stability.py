@@ -109,6 +109,12 @@ def main() -> None:
             b = np.load(args.out / second / "maps" / f"{name}.npy")
             values.append(correlation(a, b))
         lines.append(f"| {first} vs {second} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {min(values):.3f} |")
+        for stage in sorted({p.stem.rsplit("_stage", 1)[1] for p in (args.out / first / "stages").glob("*_stage*.npy")}):
+            values = [correlation(np.load(args.out / first / "stages" / f"{name}_stage{stage}.npy"),
+                                  np.load(args.out / second / "stages" / f"{name}_stage{stage}.npy"))
+                      for name in names(args.out / first)]
+            lines.append(f"| {first} vs {second}, stage {stage} | " + " | ".join(f"{v:.3f}" for v in values)
+                         + f" | {min(values):.3f} |")
     changes = auc_change(args.out, args.size) if {"batch1", "bf16"} <= set(args.runs) else {}
     if changes:
         lines.append("| bf16 − float32 deletion AUC | " + " | ".join(f"{changes[n][0]:+.4f}" for n in sorted(changes)) + " | |")
