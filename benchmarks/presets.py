@@ -37,7 +37,7 @@ PRESETS = {
     "paper": ["--config=configs/paper.yaml"],
 }
 COMMON = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-          "--model.chunk_size=32", "--model.max_items=32"]
+          "--model.chunk_size=32", "--engine.max_items=32"]
 
 
 def folder_of(out: Path, preset: str) -> Path:
