@@ -8,7 +8,7 @@ Increase in Confidence. No ground truth: localisation is measured by
 
 Usage:
     python benchmarks/photos_faithfulness.py [--out runs/photos]
-    python benchmarks/photos_faithfulness.py --methods HDM "HDM reference" --photos 4 --num_steps 56
+    python benchmarks/photos_faithfulness.py --methods HDM "HDM reference" --photos 4 --num_steps 56 --refuse
 """
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def refuse(run_folder: Path, out: Path, stage: int | None) -> Path:
+    """A run folder whose maps are ``run_folder``'s stage maps fused by the plain normalised sum
+    (``stage`` None) or one stage alone: is a figure due to the fusion or to the stage maps?"""
+    import shutil
+
+    import numpy as np
+
+    def minmax(a):
+        return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_folder / "index.jsonl", out / "index.jsonl")
+    for path in (run_folder / "maps").glob("*.npy"):
+        stages = sorted((run_folder / "stages").glob(f"{path.stem}_stage*.npy"))
+        maps = [minmax(np.load(p)) for p in stages] if stage is None else [np.load(stages[stage - 1])]
+        np.save(out / "maps" / path.name, minmax(sum(maps)).astype(np.float32))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "photos")
@@ -53,6 +72,8 @@ def main() -> None:
                         choices=list(METHODS))
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many of the photos (first N)")
     parser.add_argument("--num_steps", type=int, default=224, help="points of the deletion/insertion curves")
+    parser.add_argument("--refuse", action="store_true",
+                        help="also score the HDM run's stage maps fused by the plain sum, and its stage 1 alone")
     args = parser.parse_args()
     methods = {name: METHODS[name] for name in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -63,13 +84,16 @@ def main() -> None:
     for name, command in methods.items():
         folders[name] = args.out / name.split(" (")[0].replace(" ", "_")
         seconds[name] = run([*command, *data, f"--out_dir={folders[name]}"])
+    if args.refuse and "HDM" in folders:
+        for label, stages in (("HDM_sum_of_stages", None), ("HDM_stage_1", 1)):
+            folders[label], seconds[label] = refuse(folders["HDM"], args.out / label, stages), 0.0
     run(["-m", "hdm_lightning.evaluate", "--runs", *map(str, folders.values()), *data,
          "--metrics=[deletion,insertion,confidence]", f"--deletion.num_steps={args.num_steps}",
          f"--insertion.num_steps={args.num_steps}", f"--out_dir={args.out / 'eval'}"])
     lines = (args.out / "eval" / "results.md").read_text().splitlines()
     lines[0] += " seconds |"
     lines[1] += "---|"
-    for i, name in enumerate(methods, start=2):
+    for i, name in enumerate(folders, start=2):
         lines[i] += f" {seconds[name]:.0f} |"
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
