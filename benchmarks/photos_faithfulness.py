@@ -31,6 +31,12 @@ METHODS = {
                       "--trainer.enable_progress_bar=false", "--model.consistency=SquaredConsistency",
                       "--model.fusion=SumFusion", "--model.lr=0.05", "--model.lr_schedule=constant",
                       "--model.relative_eps=0"],
+    # ablations of the defaults: Adam's own eps; the reference's squared consistency term
+    "HDM undamped": ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", "--model.relative_eps=0"],
+    "HDM squared term": ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu",
+                         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                         "--model.consistency=SquaredConsistency"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",
@@ -68,7 +74,7 @@ def refuse(run_folder: Path, out: Path, stage: int | None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "photos")
-    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if m != "HDM reference"],
+    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if not m.startswith("HDM ")],
                         choices=list(METHODS))
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many of the photos (first N)")
     parser.add_argument("--num_steps", type=int, default=224, help="points of the deletion/insertion curves")
