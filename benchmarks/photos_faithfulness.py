@@ -52,22 +52,23 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def refuse(run_folder: Path, out: Path, stage: int | None) -> Path:
+def fused_otherwise(run_folder: Path, out: Path, stage: int | None) -> Path:
     """A run folder whose maps are ``run_folder``'s stage maps fused by the plain normalised sum
     (``stage`` None) or one stage alone: is a figure due to the fusion or to the stage maps?"""
     import shutil
 
     import numpy as np
+    import torch
 
-    def minmax(a):
-        return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+    from hdm_lightning.masks import sum_maps
 
     (out / "maps").mkdir(parents=True, exist_ok=True)
     shutil.copy(run_folder / "index.jsonl", out / "index.jsonl")
     for path in (run_folder / "maps").glob("*.npy"):
         stages = sorted((run_folder / "stages").glob(f"{path.stem}_stage*.npy"))
-        maps = [minmax(np.load(p)) for p in stages] if stage is None else [np.load(stages[stage - 1])]
-        np.save(out / "maps" / path.name, minmax(sum(maps)).astype(np.float32))
+        chosen = stages if stage is None else [stages[stage - 1]]
+        fused = sum_maps(torch.stack([torch.from_numpy(np.load(p))[None] for p in chosen]))[0]
+        np.save(out / "maps" / path.name, fused.numpy().astype(np.float32))
     return out
 
 
@@ -92,7 +93,7 @@ def main() -> None:
         seconds[name] = run([*command, *data, f"--out_dir={folders[name]}"])
     if args.refuse and "HDM" in folders:
         for label, stages in (("HDM_sum_of_stages", None), ("HDM_stage_1", 1)):
-            folders[label], seconds[label] = refuse(folders["HDM"], args.out / label, stages), 0.0
+            folders[label], seconds[label] = fused_otherwise(folders["HDM"], args.out / label, stages), 0.0
     run(["-m", "hdm_lightning.evaluate", "--runs", *map(str, folders.values()), *data,
          "--metrics=[deletion,insertion,confidence]", f"--deletion.num_steps={args.num_steps}",
          f"--insertion.num_steps={args.num_steps}", f"--out_dir={args.out / 'eval'}"])

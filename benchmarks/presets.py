@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stability import correlation  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:rocket",
           "matplotlib:grace_hopper.jpg", "sklearn:china.jpg", "sklearn:flower.jpg"]
@@ -57,11 +60,6 @@ def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int) ->
 
 def rows(folder: Path) -> dict[str, dict]:
     return {r["name"]: r for r in map(json.loads, (folder / "index.jsonl").read_text().splitlines())}
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def main() -> None:
