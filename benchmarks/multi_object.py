@@ -44,6 +44,7 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "multi_object"
 #: HDM variants: name -> command-line overrides of ``train_masks.py`` (``--hdm NAME=ARGS`` adds more).
 HDM_VARIANTS: dict[str, list[str]] = {
     "HDM defaults": [],
+    "HDM log-odds": ["--model.score", "log_odds"],
     "HDM paper-loss, 1 stage": ["--schedule.stages", "1"],
 }
 #: Arguments of every HDM run; the size, input and run folder are added per target.

@@ -127,7 +127,8 @@ def explain(
 
     Returns:
         ``maps`` ``(N, H, W)`` fused maps in ``[0, 1]``; ``stage_maps`` ``(N, T, H, W)`` (stages an
-        image did not run are zero); ``logits`` ``(N,)`` the target logits on the images;
+        image did not run are zero); ``logits`` ``(N,)`` the target scores on the images (logits,
+        or log-odds under ``model.score=log_odds``);
         ``masked_logits`` ``(N,)`` those on the images kept by the maps; ``targets`` ``(N,)``.
     """
     if images.ndim != 4:

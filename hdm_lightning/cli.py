@@ -252,6 +252,12 @@ IGNORED = (
 )
 
 
+#: Settings added after folders were made, with the value that reproduces the maps made before:
+#: a stored configuration without one of them is read as having that value, so that an upgrade
+#: does not refuse a folder whose maps the new version would make the same way.
+ADDED = {"model.score": "logit"}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """Dotted keys of a nested configuration.
 
@@ -272,11 +278,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(stored: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between two configurations, other than :data:`IGNORED` ones.
 
+    A key of :data:`ADDED` missing from either takes its value there.
+
     Example:
         >>> config_differences({"model": {"lr": 0.1}, "out_dir": "a"}, {"model": {"lr": 0.2}, "out_dir": "b"})
         ['model.lr']
+        >>> config_differences({"model": {"lr": 0.1}}, {"model": {"lr": 0.1, "score": "logit"}})
+        []
     """
-    old, new = flatten(stored), flatten(current)
+    old, new = {**ADDED, **flatten(stored)}, {**ADDED, **flatten(current)}
     keys = sorted(set(old) | set(new))
     return [k for k in keys if old.get(k) != new.get(k) and not ignored(k)]
 

@@ -132,6 +132,26 @@ def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor) -> Tensor:
     return baseline + (images - baseline) * mask.unsqueeze(1)
 
 
+def class_score(logits: Tensor, targets: Tensor, kind: str = "logit") -> Tensor:
+    """The score of each image's class that a mask must keep, float32 ``(N,)``.
+
+    ``logit`` is the reference's ``f_c``. ``log_odds`` is ``log p_c/(1 − p_c) = f_c − logsumexp_{k≠c} f_k``:
+    it rises only where the class gains on the others, so in a scene of several objects the tile of
+    another class keeps a class's logit but not its log-odds (issue 7), and it is monotone in the
+    probability that deletion and insertion measure.
+
+    Example:
+        >>> class_score(torch.tensor([[2., 0., 0.]]), torch.tensor([0]), "log_odds")
+        tensor([1.3069])
+    """
+    logits = logits.float()
+    score = logits.gather(1, targets[:, None])[:, 0]
+    if kind == "logit":
+        return score
+    others = logits.scatter(1, targets[:, None], float("-inf")).logsumexp(dim=1)
+    return score - others
+
+
 def consistency_loss(masked_logit: Tensor, reference_logit: Tensor, weight: float) -> Tensor:
     """Activation consistency ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``, one value per item ``(N,)``."""
     return weight * (masked_logit.float() - reference_logit.float()) ** 2

@@ -114,6 +114,10 @@ class MaskExplainer(LightningModule):
             size of its gradient, so once a later stage has little evidence left, float noise in the
             consistency gradient steers the masks (issue 7, stability); with ``ε`` on the scale of the
             sparsity push, an element whose gradient is far below it moves far less than ``lr``.
+        score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
+            ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
+            Every "logit" of the method (the consistency term, the stage references and floors, the
+            fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -145,6 +149,7 @@ class MaskExplainer(LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
         relative_eps: float = 1.0,
+        score: Literal["logit", "log_odds"] = "logit",
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -174,6 +179,8 @@ class MaskExplainer(LightningModule):
                              f"{lr_schedule!r}, {lr_horizon}")
         if relative_eps < 0:
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
+        if score not in ("logit", "log_odds"):
+            raise ValueError(f"model.score must be 'logit' or 'log_odds', got {score!r}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -271,7 +278,7 @@ class MaskExplainer(LightningModule):
 
     # ---------------------------------------------------------------- classifier helpers
     def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
-        """``f_c(x)`` for each image, float32, ``(N,)``. With ``compile`` the batch is padded to a
+        """``f_c(x)`` (the class score, ``model.score``) for each image, float32, ``(N,)``. With ``compile`` the batch is padded to a
         fixed size (the padding rows carry no gradient and are dropped)."""
         count = images.shape[0]
         if self.hparams.compile:
@@ -280,7 +287,7 @@ class MaskExplainer(LightningModule):
             images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))]) if padding else images
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.forward_classifier(images)[:count].float().gather(1, targets[:, None])[:, 0]
+        return M.class_score(self.forward_classifier(images)[:count], targets, self.hparams.score)
 
     def make_substrate(self, images: Tensor) -> Tensor:
         if self.hparams.substrate == "mean":
@@ -333,7 +340,8 @@ class MaskExplainer(LightningModule):
         if not -1 <= target < logits.shape[0]:
             raise ValueError(f"target {target} outside [0, {logits.shape[0]}) (-1: top-1 class)")
         target = int(logits.argmax()) if target < 0 else target
-        return ImageState(key, name, path, slot, image, target, logits[target])
+        score = M.class_score(logits[None], torch.tensor([target], device=self.device), self.hparams.score)[0]
+        return ImageState(key, name, path, slot, image, target, score)
 
     @torch.no_grad()
     def begin_stage(self, state: ImageState) -> None:
@@ -344,7 +352,7 @@ class MaskExplainer(LightningModule):
         original = torch.tensor([state.target], device=self.device)
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)
         state.stage_target = int(target[0])
-        state.reference, state.floor = logits[0, state.stage_target], logits[1, state.stage_target]
+        state.reference, state.floor = M.class_score(logits, target.expand(2), self.hparams.score)
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
         self.load_stage(state)

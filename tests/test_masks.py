@@ -96,3 +96,12 @@ def test_sum_maps_normalises_each_map_first():
     a = torch.tensor([[[0.0, 10.0, 5.0]]])
     b = torch.tensor([[[1.0, 0.0, 0.0]]])
     assert torch.equal(M.sum_maps(torch.stack([a, b])), torch.tensor([[[1.0, 1.0, 0.0]]]))
+
+
+def test_log_odds_score_is_the_log_odds_of_the_softmax_probability():
+    logits = torch.randn(5, 10, dtype=torch.float64) * 4
+    targets = torch.arange(5)
+    p = logits.softmax(1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(M.class_score(logits, targets, "log_odds").double(), (p / (1 - p)).log(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(M.class_score(logits, targets, "logit"), logits.float().diagonal()[:5])

@@ -43,3 +43,36 @@ def spot_images(folder, count: int = 2, seed: int = 0) -> list:
         Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+SHARED = (slice(20, 28), slice(4, 12))  # a second square that raises class 1 and, more, class 2
+
+
+class SharedSpotClassifier(nn.Module):
+    """Three classes: class 1 is ``4 (a + b)``, class 2 is ``3 b``, class 0 is 0, where ``a`` and
+    ``b`` are the brightness of ``SPOT`` and ``SHARED`` against the image mean (each ``(N,)``).
+
+    With both squares bright, class 1 is the top class. Either square alone keeps half its logit,
+    but only ``SPOT`` keeps what sets class 1 apart from class 2: the class's log-odds live there.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        brightness = images[:, 0]
+        centred = brightness - brightness.flatten(1).mean(1)[:, None, None]
+        a = centred[:, SPOT[0], SPOT[1]].flatten(1).mean(1)
+        b = centred[:, SHARED[0], SHARED[1]].flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(a), 4 * (a + b), 3 * b], dim=1)
+
+
+def shared_spot_images(folder, count: int = 1, seed: int = 0) -> list:
+    """PNG files with bright squares on ``SPOT`` and ``SHARED`` over noise; returns their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.uniform(0.2, 0.5, size=(SIZE, SIZE, 3))
+        pixels[SPOT] = rng.uniform(0.9, 1.0)
+        pixels[SHARED] = rng.uniform(0.9, 1.0)
+        path = folder / f"shared{i}.png"
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
