@@ -45,6 +45,8 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "multi_object"
 HDM_VARIANTS: dict[str, list[str]] = {
     "HDM defaults": [],
     "HDM log-odds": ["--model.score", "log_odds"],
+    "HDM log-odds, image evidence": ["--model.score", "log_odds", "--model.evidence_scale", "image"],
+    "HDM image evidence": ["--model.evidence_scale", "image"],
     "HDM paper-loss, 1 stage": ["--schedule.stages", "1"],
 }
 #: Arguments of every HDM run; the size, input and run folder are added per target.

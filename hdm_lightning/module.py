@@ -54,6 +54,7 @@ class ImageState:
     stage_target: int = -1  # class of the current stage (target policy)
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
     floor: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
+    evidence: Tensor | None = None  # stage 1's f_c(x) − f_c(x_0), 0-d
     stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
     references: list[Tensor] = field(default_factory=list)  # f_c(x^(t)) of each finished stage
     stage_sum: Tensor | None = None  # Σ level maps of the current stage, (H, W)
@@ -118,6 +119,10 @@ class MaskExplainer(LightningModule):
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
             fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score.
+        evidence_scale: what a later stage's drop is a share of in :class:`EvidenceConsistency`:
+            ``stage`` (the evidence its input still holds) or ``image`` (the image's, as in stage 1).
+            Under ``stage`` a stage that starts with little evidence left weighs tiny changes of the
+            score as heavily as stage 1 weighs the whole class, and float noise steers its masks.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -150,6 +155,7 @@ class MaskExplainer(LightningModule):
         lr_horizon: int = 40,
         relative_eps: float = 1.0,
         score: Literal["logit", "log_odds"] = "logit",
+        evidence_scale: Literal["stage", "image"] = "stage",
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -181,6 +187,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
         if score not in ("logit", "log_odds"):
             raise ValueError(f"model.score must be 'logit' or 'log_odds', got {score!r}")
+        if evidence_scale not in ("stage", "image"):
+            raise ValueError(f"model.evidence_scale must be 'stage' or 'image', got {evidence_scale!r}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -353,6 +361,10 @@ class MaskExplainer(LightningModule):
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)
         state.stage_target = int(target[0])
         state.reference, state.floor = M.class_score(logits, target.expand(2), self.hparams.score)
+        if state.stage == 0:
+            state.evidence = state.reference - state.floor
+        elif self.hparams.evidence_scale == "image":  # the drop is then a share of stage 1's evidence
+            state.floor = state.reference - state.evidence
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
         self.load_stage(state)

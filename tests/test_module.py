@@ -8,8 +8,9 @@ from hdm_lightning import masks as M
 from hdm_lightning.fusion import LearnedFusion, SumFusion
 from hdm_lightning.targets import KeepTarget, Repredict
 from hdm_lightning.pool import Item, first_items, successors
-from tests.helpers.run import build, explain, maps
-from tests.helpers.tiny import SHARED, SPOT, SharedSpotClassifier, SpotClassifier, shared_spot_images, spot_images
+from hdm_lightning.module import MaskExplainer
+from tests.helpers.run import HALF, SMALL_MASKS, build, explain, maps
+from tests.helpers.tiny import SHARED, SIZE, SPOT, SharedSpotClassifier, SpotClassifier, shared_spot_images, spot_images
 
 
 @pytest.fixture
@@ -236,3 +237,27 @@ def test_compiled_classifier_gives_the_same_maps_without_recompiling(images, tmp
     assert compiled.keys() == eager.keys()
     for name in eager:
         np.testing.assert_allclose(compiled[name], eager[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", ["stage", "image"])
+def test_evidence_scale_of_a_later_stage(scale):
+    """``model.evidence_scale``: after stage 1 removes the square, stage 2's drop is a share of the
+    evidence its input still holds (``stage``) or of the image's (``image``)."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, evidence_scale=scale, **SMALL_MASKS)
+    image = torch.full((3, SIZE, SIZE), 0.3)
+    image[:, SPOT[0], SPOT[1]] = 0.95
+    model.image_rows(1, image.shape)
+    state = model.begin_image(0, "spot", "spot", 0, (image - 0.5) / 0.5, target=1)
+    model.begin_stage(state)
+    first = state.reference - state.floor
+    found = torch.zeros(SIZE, SIZE)
+    found[SPOT] = 1.0
+    state.stage_maps.append(found)
+    state.stage = 1
+    model.begin_stage(state)
+    left = state.reference - state.floor
+    assert float(first) > 1.0
+    if scale == "image":
+        torch.testing.assert_close(left, first)
+    else:
+        assert float(left) < 0.2 * float(first)  # the square held the evidence
