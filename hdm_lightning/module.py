@@ -120,7 +120,7 @@ class MaskExplainer(LightningModule):
             Every "logit" of the method (the consistency term, the stage references and floors, the
             fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score.
         evidence_scale: what a later stage's drop is a share of in :class:`EvidenceConsistency`:
-            ``stage`` (the evidence its input still holds) or ``image`` (the image's, as in stage 1).
+            ``image`` (the image's, as in stage 1) or ``stage`` (the evidence its input still holds).
             Under ``stage`` a stage that starts with little evidence left weighs tiny changes of the
             score as heavily as stage 1 weighs the whole class, and float noise steers its masks.
         init_value: initial value of every mask element.
@@ -155,7 +155,7 @@ class MaskExplainer(LightningModule):
         lr_horizon: int = 40,
         relative_eps: float = 1.0,
         score: Literal["logit", "log_odds"] = "logit",
-        evidence_scale: Literal["stage", "image"] = "stage",
+        evidence_scale: Literal["stage", "image"] = "image",
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
