@@ -120,7 +120,8 @@ class MaskExplainer(LightningModule):
             Every "logit" of the method (the consistency term, the stage references and floors, the
             fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score.
         evidence_scale: what a later stage's drop is a share of in :class:`EvidenceConsistency`:
-            ``image`` (the image's, as in stage 1) or ``stage`` (the evidence its input still holds).
+            ``image`` (the image's, as in stage 1; the original class's, also under ``Repredict``) or
+            ``stage`` (the evidence its input still holds).
             Under ``stage`` a stage that starts with little evidence left weighs tiny changes of the
             score as heavily as stage 1 weighs the whole class, and float noise steers its masks.
         init_value: initial value of every mask element.
@@ -286,8 +287,9 @@ class MaskExplainer(LightningModule):
 
     # ---------------------------------------------------------------- classifier helpers
     def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
-        """``f_c(x)`` (the class score, ``model.score``) for each image, float32, ``(N,)``. With ``compile`` the batch is padded to a
-        fixed size (the padding rows carry no gradient and are dropped)."""
+        """``f_c(x)`` (the class score, ``model.score``) for each image, float32, ``(N,)``. With
+        ``compile`` the batch is padded to a fixed size (the padding rows carry no gradient and are
+        dropped)."""
         count = images.shape[0]
         if self.hparams.compile:
             fixed = self.hparams.chunk_size or self.hparams.max_items
