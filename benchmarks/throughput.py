@@ -195,7 +195,11 @@ def main() -> None:
     if args.paper:
         args.schedules = [*args.schedules, "paper"]
     torch.set_num_threads(args.threads)
-    rows = [run_engine(args.engine, schedule, args) for schedule in args.schedules]
+    rows = []
+    for schedule in args.schedules:  # each row printed once measured: a run stopped early keeps them
+        rows.append(run_engine(args.engine, schedule, args))
+        if args.engine == "new":
+            print(json.dumps(with_floor(rows[-1], args)), flush=True)
     if args.engine == "old":  # a subprocess of --compare: raw rows for the parent
         for row in rows:
             print(json.dumps(row), flush=True)
@@ -205,15 +209,20 @@ def main() -> None:
         command = [c for i, c in enumerate(command) if c != "--compare" and command[i - 1] != "--compare"]
         environment = {**os.environ, "PYTHONPATH": str(args.compare), "HDM_ROOT": str(args.compare)}
         done = subprocess.run(command, cwd=args.compare, env=environment, capture_output=True, text=True, check=True)
-        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    for row in rows:
-        row["floor"] = floor(max(1, round(row["batch"])), args)
-        row["useful_per_s"], row["all_per_s"] = row["useful"] / row["seconds"], row["passes"] / row["seconds"]
-        row["useful_to_floor"], row["all_to_floor"] = row["useful_per_s"] / row["floor"], row["all_per_s"] / row["floor"]
-        row["outside_share"] = 1 - row["classifier_seconds"] / row["seconds"]
-        print(json.dumps(row), flush=True)
-    if args.engine == "new":
-        print_table(rows)
+        for line in done.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(with_floor(json.loads(line), args))
+                print(json.dumps(rows[-1]), flush=True)
+    print_table(rows)
+
+
+def with_floor(row: dict, args) -> dict:
+    """``row`` with the floor at its mean batch (measured now, right after the run) and the ratios to it."""
+    row["floor"] = floor(max(1, round(row["batch"])), args)
+    row["useful_per_s"], row["all_per_s"] = row["useful"] / row["seconds"], row["passes"] / row["seconds"]
+    row["useful_to_floor"], row["all_to_floor"] = row["useful_per_s"] / row["floor"], row["all_per_s"] / row["floor"]
+    row["outside_share"] = 1 - row["classifier_seconds"] / row["seconds"]
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
