@@ -38,7 +38,7 @@ def test_map_lands_on_the_deciding_square(images, tmp_path):
 def test_log_odds_score_keeps_what_sets_the_class_apart(tmp_path):
     """Issue 7: two squares each keep half of class 1's logit, but one raises class 2 more. Under
     ``model.score=log_odds`` the map lands on the square that sets class 1 apart; under ``logit`` it
-    spreads over both (measured: 0.25 / 0.07 against 0.17 / 0.18 of the mass)."""
+    spreads over both (measured with evidence_scale stage: 0.25 / 0.07 against 0.17 / 0.18 of the mass)."""
     (tmp_path / "images").mkdir()
     shared_spot_images(tmp_path / "images")
     share = {}

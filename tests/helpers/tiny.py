@@ -32,14 +32,15 @@ class SpotClassifier(nn.Module):
         return torch.stack([-score, score], dim=1)
 
 
-def spot_images(folder, count: int = 2, seed: int = 0) -> list:
-    """PNG files with a bright square on ``SPOT`` over noise; returns their paths."""
+def spot_images(folder, count: int = 2, seed: int = 0, squares: tuple = (SPOT,), prefix: str = "spot") -> list:
+    """PNG files with bright ``squares`` over noise; returns their paths."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
         pixels = rng.uniform(0.2, 0.5, size=(SIZE, SIZE, 3))
-        pixels[SPOT] = rng.uniform(0.9, 1.0)
-        path = folder / f"spot{i}.png"
+        for square in squares:
+            pixels[square] = rng.uniform(0.9, 1.0)
+        path = folder / f"{prefix}{i}.png"
         Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
@@ -66,13 +67,4 @@ class SharedSpotClassifier(nn.Module):
 
 def shared_spot_images(folder, count: int = 1, seed: int = 0) -> list:
     """PNG files with bright squares on ``SPOT`` and ``SHARED`` over noise; returns their paths."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        pixels = rng.uniform(0.2, 0.5, size=(SIZE, SIZE, 3))
-        pixels[SPOT] = rng.uniform(0.9, 1.0)
-        pixels[SHARED] = rng.uniform(0.9, 1.0)
-        path = folder / f"shared{i}.png"
-        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
-        paths.append(path)
-    return paths
+    return spot_images(folder, count, seed, squares=(SPOT, SHARED), prefix="shared")
