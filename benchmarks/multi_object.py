@@ -48,6 +48,8 @@ HDM_VARIANTS: dict[str, list[str]] = {
     "HDM log-odds": ["--model.score", "log_odds", "--model.evidence_scale", "stage"],
     "HDM log-odds, image evidence": ["--model.score", "log_odds", "--model.evidence_scale", "image"],
     "HDM image evidence": ["--model.evidence_scale", "image"],  # the defaults now
+    "HDM mask scale": ["--model.map_scale", "mask"],
+    "HDM log-odds, mask scale": ["--model.score", "log_odds", "--model.map_scale", "mask"],
     "HDM paper-loss, 1 stage": ["--schedule.stages", "1"],
 }
 #: Arguments of every HDM run; the size, input and run folder are added per target.

@@ -41,6 +41,8 @@ METHODS = {
     "HDM log-odds lr 0.1": [*BEFORE, "--model.score=log_odds", "--model.lr=0.1"],
     "HDM log-odds, image evidence": [*HDM_RUN, "--model.score=log_odds"],
     "HDM image evidence": [*HDM_RUN, "--model.evidence_scale=image"],  # the defaults now: as "HDM"
+    "HDM mask scale": [*HDM_RUN, "--model.map_scale=mask"],
+    "HDM log-odds, mask scale": [*HDM_RUN, "--model.score=log_odds", "--model.map_scale=mask"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",

@@ -20,14 +20,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from hdm_lightning.masks import EPS, consistency_loss, minmax, sum_maps
+from hdm_lightning.masks import EPS, consistency_loss, cumulative, minmax
 
 #: ``score(mask)`` maps ``(N, H, W)`` masks to the target logits ``(N,)`` of the masked images.
 Score = Callable[[Tensor], Tensor]
 
 
 class Fusion(ABC):
-    """Fuses ``(T, N, H, W)`` stage maps into ``(N, H, W)`` maps in ``[0, 1]``."""
+    """Fuses ``(T, N, H, W)`` stage maps into ``(N, H, W)`` maps in ``[0, 1]``.
+
+    The stage maps share one scale (``model.map_scale``: each one min-max normalised, or each on
+    its masks' own scale) and are used as they are: a faint stage stays faint.
+    """
 
     @abstractmethod
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
@@ -35,7 +39,8 @@ class Fusion(ABC):
 
 
 class SumFusion(Fusion):
-    """``minmax(Σ_t minmax(S_t))``, the plain normalised sum.
+    """``minmax(Σ_t S_t)``, the plain sum (the reference's ``minmax(Σ_t minmax(S_t))`` under
+    ``map_scale=minmax``, where every ``S_t`` is already min-max normalised).
 
     Example:
         >>> maps = torch.tensor([[[[0., 1.]]], [[[1., 0.]]], [[[0., 1.]]]])  # (T=3, N=1, 1, 2)
@@ -44,20 +49,20 @@ class SumFusion(Fusion):
     """
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        return sum_maps(stage_maps)
+        return cumulative(stage_maps)
 
 
 class EvidenceFusion(Fusion):
     """Each stage weighted by the evidence for the class that removing its new regions takes away.
 
     ``w_t = clamp((f_c(x ⊙ (1 − C_{t−1})) − f_c(x ⊙ (1 − C_t))) / (f_c(x) − f_c(x_0)), 0, 1)`` with
-    ``C_t = minmax(Σ_{τ≤t} S_τ)`` the method's own cumulative map (``C_0 = 0``) and ``x_0`` the
+    ``C_t = cumulative(S_1 … S_t)`` the method's own cumulative map (``C_0 = 0``) and ``x_0`` the
     substrate alone: the share of the class's evidence that stage ``t`` adds to what the earlier
     stages removed. The weights telescope: together they are the share that ``C_T`` removes. A stage
-    that runs once the evidence is gone still min-max normalises its map to full range; its weight
-    is then near 0 instead of ``1/T`` (issue 7, "stage pollution"), and a broad stage map counts for
-    what it adds to the cumulative removal, not for everything it covers.
-    ``F = minmax(Σ_t w_t minmax(S_t))``; an image whose weights are all 0 falls back to equal
+    that runs once the evidence is gone (under ``map_scale=minmax`` still stretched to full range)
+    gets a weight near 0 instead of ``1/T`` (issue 7, "stage pollution"), and a broad stage map
+    counts for what it adds to the cumulative removal, not for everything it covers.
+    ``F = minmax(Σ_t w_t S_t)``; an image whose weights are all 0 falls back to equal
     weights. Costs ``T + 1`` classifier passes.
 
     Example:
@@ -68,7 +73,7 @@ class EvidenceFusion(Fusion):
     """
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        stages = torch.stack([minmax(s) for s in stage_maps])  # (T, N, H, W)
+        stages = stage_maps  # (T, N, H, W)
         weights = self.weights(stages, score, reference)  # (T, N)
         weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
         return minmax((weights[:, :, None, None] * stages).sum(dim=0))
@@ -76,9 +81,9 @@ class EvidenceFusion(Fusion):
     @staticmethod
     @torch.no_grad()
     def weights(stages: Tensor, score: Score, reference: Tensor) -> Tensor:
-        """``(T, N, H, W)`` normalised stage maps -> ``(T, N)`` weights ``w_t``."""
+        """``(T, N, H, W)`` stage maps -> ``(T, N)`` weights ``w_t``."""
         evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
-        left = [reference] + [score(1 - sum_maps(stages[: t + 1])) for t in range(len(stages))]  # f_c(x ⊙ (1 − C_t))
+        left = [reference] + [score(1 - cumulative(stages[: t + 1])) for t in range(len(stages))]  # f_c(x ⊙ (1 − C_t))
         return torch.stack([((left[t] - left[t + 1]) / evidence).clamp(0, 1) for t in range(len(stages))])
 
 
@@ -105,7 +110,7 @@ class LearnedFusion(Fusion):
         self.sparsity_weight = sparsity_weight
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        stages = torch.stack([minmax(s) for s in stage_maps]).detach()  # (T, N, H, W)
+        stages = stage_maps.detach()  # (T, N, H, W)
         reference = reference.detach()
         theta = torch.zeros(stages.shape[:2], device=stages.device, requires_grad=True)  # (T, N)
         optimiser = torch.optim.Adam([theta], lr=self.lr)

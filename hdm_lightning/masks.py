@@ -184,14 +184,16 @@ def sparsity_loss(mask: Tensor, weight: float) -> Tensor:
     return weight * mask.abs().flatten(1).mean(dim=1)
 
 
-def level_map(mask: Tensor, previous_map: Tensor | None, size: tuple[int, int]) -> Tensor:
+def level_map(mask: Tensor, previous_map: Tensor | None, size: tuple[int, int], stretch: bool = True) -> Tensor:
     """``M_l = minmax(Up(a_l) ⊙ M_{l−1})`` with ``M_{-1} = 1``; ``(N, s, s) -> (N, H, W)``.
 
     With non-negative masks ``M_l`` is zero wherever ``M_{l−1}`` is: a fine level only refines
-    what the coarse level kept.
+    what the coarse level kept. ``stretch=False`` leaves out the ``minmax``: the level map is then
+    what the masks kept, on their own ``[0, 1]`` scale (``model.map_scale=mask``).
     """
     up = upsample(mask, size)
-    return minmax(up if previous_map is None else up * previous_map)
+    product = up if previous_map is None else up * previous_map
+    return minmax(product) if stretch else product.clamp(0, 1)
 
 
 def sum_maps(maps: Tensor) -> Tensor:
@@ -202,6 +204,19 @@ def sum_maps(maps: Tensor) -> Tensor:
     """
     normalised = torch.stack([minmax(m) for m in maps])  # (K, N, H, W)
     return minmax(normalised.sum(dim=0))
+
+
+def cumulative(stage_maps: Tensor) -> Tensor:
+    """``C_t = minmax(Σ_{τ≤t} S_τ)``: ``(t, N, H, W) -> (N, H, W)``.
+
+    The stage maps are not stretched first: they already share a scale (each one min-max
+    normalised, or each on its masks' own scale), so a stage that found little adds little.
+
+    Example:
+        >>> cumulative(torch.tensor([[[[0., 1., 0.]]], [[[0., 0., 0.2]]]]))  # stage 2 found little, at pixel 3
+        tensor([[[0.0000, 1.0000, 0.2000]]])
+    """
+    return minmax(stage_maps.sum(dim=0))
 
 
 def remove_found(

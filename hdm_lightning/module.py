@@ -124,6 +124,11 @@ class MaskExplainer(LightningModule):
             ``stage`` (the evidence its input still holds).
             Under ``stage`` a stage that starts with little evidence left weighs tiny changes of the
             score as heavily as stage 1 weighs the whole class, and float noise steers its masks.
+        map_scale: how level and stage maps are scaled: ``minmax`` (the reference: each level map
+            and each stage map stretched to ``[0, 1]``) or ``mask`` (a level map is what its masks
+            kept, ``Up(a_l) ⊙ M_{l−1}`` on their own ``[0, 1]`` scale, and a stage map the mean of its
+            level maps). Under ``minmax`` a level or stage whose masks fell towards 0 is stretched
+            to full range, float noise included (issue 7, stability); under ``mask`` it stays faint.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -157,6 +162,7 @@ class MaskExplainer(LightningModule):
         relative_eps: float = 1.0,
         score: Literal["logit", "log_odds"] = "logit",
         evidence_scale: Literal["stage", "image"] = "image",
+        map_scale: Literal["minmax", "mask"] = "minmax",
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -190,6 +196,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.score must be 'logit' or 'log_odds', got {score!r}")
         if evidence_scale not in ("stage", "image"):
             raise ValueError(f"model.evidence_scale must be 'stage' or 'image', got {evidence_scale!r}")
+        if map_scale not in ("minmax", "mask"):
+            raise ValueError(f"model.map_scale must be 'minmax' or 'mask', got {map_scale!r}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -329,7 +337,7 @@ class MaskExplainer(LightningModule):
         """``x^(t)``: the image, or the image with the regions of the stages so far removed, ``(C, H, W)``."""
         if not state.stage_maps:
             return state.image
-        found = M.sum_maps(torch.stack(state.stage_maps)[:, None])  # C_t, (1, H, W)
+        found = M.cumulative(torch.stack(state.stage_maps)[:, None])  # C_t, (1, H, W)
         return M.remove_found(state.image[None], found, self.mean, self.std)[0]
 
     @torch.no_grad()
@@ -374,7 +382,7 @@ class MaskExplainer(LightningModule):
     @torch.no_grad()
     def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,
                  loss: Tensor | None = None) -> None:
-        """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` added to the stage sum (once per chain it
+        """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` (``map_scale``) added to the stage sum (once per chain it
         stands for); ``P_l`` and ``M_l`` kept for the chains' next level. ``loss``, the item's last
         loss (0-d, on the device: no host sync), is added to the stage's final-loss accumulator."""
         if loss is not None:
@@ -382,8 +390,9 @@ class MaskExplainer(LightningModule):
             state.stage_items += 1
         chains = sharing(self.chains, item)
         previous = state.previous[item.chain][1][None] if item.level > 0 else None
-        level_map = M.level_map(mask[None], previous, state.stage_sum.shape)[0]  # (H, W)
-        state.stage_sum = state.stage_sum + len(chains) * level_map  # level maps are min-max normalised
+        stretch = self.hparams.map_scale == "minmax"
+        level_map = M.level_map(mask[None], previous, state.stage_sum.shape, stretch)[0]  # (H, W)
+        state.stage_sum = state.stage_sum + len(chains) * level_map
         for chain in chains:
             state.previous[chain] = (superimposed, level_map)
 
@@ -395,9 +404,13 @@ class MaskExplainer(LightningModule):
 
     @torch.no_grad()
     def end_stage(self, state: ImageState) -> None:
-        """Stage map ``S_t = minmax(Σ level maps)`` appended to the image's maps, with ``f_c(x^(t))``
-        and the stage's final loss (the mean of its items' last losses, where they were given)."""
-        state.stage_maps.append(M.minmax(state.stage_sum[None])[0])
+        """Stage map ``S_t = minmax(Σ level maps)`` (``map_scale=mask``: their mean) appended to the
+        image's maps, with ``f_c(x^(t))`` and the stage's final loss (the mean of its items' last
+        losses, where they were given)."""
+        if self.hparams.map_scale == "minmax":
+            state.stage_maps.append(M.minmax(state.stage_sum[None])[0])
+        else:  # every chain contributes each of its levels once
+            state.stage_maps.append(state.stage_sum / sum(len(c.sizes) for c in self.chains))
         state.references.append(state.reference)
         if state.stage_items:
             state.final_losses.append(state.stage_loss / state.stage_items)

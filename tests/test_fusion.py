@@ -76,9 +76,9 @@ def test_evidence_fusion_weights_add_up_to_what_the_cumulative_map_removes():
     stages[0][:, rows, cols.start:(cols.start + cols.stop) // 2] = 1.0  # stage 1: half the square
     stages = torch.cat([stages, torch.full((1, 1, 32, 32), 0.3)])
     stages[2][(slice(None), *SPOT)] = 1.0  # stage 3: broad, brightest on the square
-    from hdm_lightning.masks import sum_maps
+    from hdm_lightning.masks import cumulative
     weights = EvidenceFusion.weights(stages, score, reference)
     evidence = reference - score(torch.zeros(1, 32, 32))
-    removed = (reference - score(1 - sum_maps(stages))) / evidence
+    removed = (reference - score(1 - cumulative(stages))) / evidence
     assert weights[:, 0].sum() == pytest.approx(float(removed[0].clamp(0, 1)), abs=1e-4)
     assert weights[0, 0] == pytest.approx(0.5, abs=0.05)

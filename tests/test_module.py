@@ -261,3 +261,41 @@ def test_evidence_scale_of_a_later_stage(scale):
         torch.testing.assert_close(left, first)
     else:
         assert float(left) < 0.2 * float(first)  # the square held the evidence
+
+
+def stage_map_of(model: MaskExplainer, value) -> torch.Tensor:
+    """The stage map when every mask of the stage is ``value(size)``, driven through ``end_item``."""
+    model.image_rows(1, (3, SIZE, SIZE))
+    state = model.begin_image(0, "spot", "spot", 0, torch.zeros(3, SIZE, SIZE), target=1)
+    model.begin_stage(state)
+    queue = first_items(model.chains, 0, 0)
+    while queue:
+        item = queue.pop(0)
+        mask = value(model.size_of(item))
+        guide = model.guide(state, item)
+        model.end_item(state, item, mask, mask if guide is None else guide * mask)
+        queue += successors(model.chains, item)
+    model.end_stage(state)
+    return state.stage_maps[-1]
+
+
+def faint(size: int) -> torch.Tensor:
+    """A mask that fell to 0.01, with one cell at 0.02."""
+    mask = torch.full((size, size), 0.01)
+    mask[0, 0] = 0.02
+    return mask
+
+
+@pytest.mark.parametrize("scale", ["minmax", "mask"])
+def test_map_scale_of_a_faint_stage(scale):
+    """``model.map_scale``: under ``minmax`` a stage whose masks fell towards 0 is stretched to full
+    range; under ``mask`` its map is the mean of what its masks kept, faint, and masks of 1 give 1."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, map_scale=scale, **SMALL_MASKS)
+    faint_map = stage_map_of(model, faint)
+    full_map = stage_map_of(model, lambda size: torch.ones(size, size))
+    if scale == "minmax":
+        assert float(faint_map.max()) == pytest.approx(1.0)
+        assert float(full_map.max()) == 0.0  # a constant map becomes 0
+    else:
+        assert float(faint_map.max()) <= 0.02
+        torch.testing.assert_close(full_map, torch.ones(SIZE, SIZE))
