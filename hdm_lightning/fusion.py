@@ -73,10 +73,9 @@ class EvidenceFusion(Fusion):
     """
 
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        stages = stage_maps  # (T, N, H, W)
-        weights = self.weights(stages, score, reference)  # (T, N)
+        weights = self.weights(stage_maps, score, reference)  # (T, N)
         weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
-        return minmax((weights[:, :, None, None] * stages).sum(dim=0))
+        return minmax((weights[:, :, None, None] * stage_maps).sum(dim=0))
 
     @staticmethod
     @torch.no_grad()

@@ -199,8 +199,8 @@ def level_map(mask: Tensor, previous_map: Tensor | None, size: tuple[int, int], 
 def sum_maps(maps: Tensor) -> Tensor:
     """``minmax(Σ_k minmax(m_k))`` over the first dim: ``(K, N, H, W) -> (N, H, W)``.
 
-    Used for the stage map (sum over chains and levels), the cumulative map ``C_t`` and the
-    plain-sum fusion of stage maps.
+    The reference's normalised sum, for maps that do not yet share a scale (e.g. stage maps read
+    from files); the engine's stage maps do, and go through :func:`cumulative`.
     """
     normalised = torch.stack([minmax(m) for m in maps])  # (K, N, H, W)
     return minmax(normalised.sum(dim=0))
