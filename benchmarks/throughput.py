@@ -175,7 +175,7 @@ def synchronise(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["new", "old"], default="new")
-    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--schedules", nargs="+", default=["fast", "paperlike"], choices=list(SCHEDULES))
     parser.add_argument("--images", type=int, default=4, help="photos (and images in flight)")
     parser.add_argument("--in_flight", type=int, default=None, help="most images in flight (default: all)")
     parser.add_argument("--stages", type=int, default=1)
