@@ -82,7 +82,8 @@ class EvidenceFusion(Fusion):
     def weights(stages: Tensor, score: Score, reference: Tensor) -> Tensor:
         """``(T, N, H, W)`` stage maps -> ``(T, N)`` weights ``w_t``."""
         evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
-        left = [reference] + [score(1 - cumulative(stages[: t + 1])) for t in range(len(stages))]  # f_c(x ⊙ (1 − C_t))
+        # f_c(x ⊙ (1 − C_t)) for t = 0 … T
+        left = [reference] + [score(1 - cumulative(stages[: t + 1])) for t in range(len(stages))]
         return torch.stack([((left[t] - left[t + 1]) / evidence).clamp(0, 1) for t in range(len(stages))])
 
 

@@ -382,8 +382,9 @@ class MaskExplainer(LightningModule):
     @torch.no_grad()
     def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,
                  loss: Tensor | None = None) -> None:
-        """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` (``map_scale``) added to the stage sum (once per chain it
-        stands for); ``P_l`` and ``M_l`` kept for the chains' next level. ``loss``, the item's last
+        """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` (without the minmax under ``map_scale=mask``)
+        added to the stage sum (once per chain it stands for); ``P_l`` and ``M_l`` kept for the
+        chains' next level. ``loss``, the item's last
         loss (0-d, on the device: no host sync), is added to the stage's final-loss accumulator."""
         if loss is not None:
             state.stage_loss = loss.detach().clone() if state.stage_loss is None else state.stage_loss + loss
