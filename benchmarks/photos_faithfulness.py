@@ -9,6 +9,7 @@ Increase in Confidence. No ground truth: localisation is measured by
 Usage:
     python benchmarks/photos_faithfulness.py [--out runs/photos]
     python benchmarks/photos_faithfulness.py --methods HDM "HDM reference" --photos 4 --num_steps 56 --refuse
+    python benchmarks/photos_faithfulness.py --methods --hdm "HDM 120 steps=--schedule.max_steps 120" --photos 4
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ METHODS = {
     "HDM image evidence": [*HDM_RUN, "--model.evidence_scale=image"],  # the defaults now: as "HDM"
     "HDM mask scale": [*HDM_RUN, "--model.map_scale=mask"],
     "HDM log-odds, mask scale": [*HDM_RUN, "--model.score=log_odds", "--model.map_scale=mask"],
+    "HDM constant, image evidence": [*HDM_RUN, "--model.lr_schedule=constant"],
+    "HDM hold 0.5": [*HDM_RUN, "--model.lr_hold=0.5"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",
@@ -85,10 +88,18 @@ def main() -> None:
                         choices=list(METHODS))
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many of the photos (first N)")
     parser.add_argument("--num_steps", type=int, default=224, help="points of the deletion/insertion curves")
+    parser.add_argument("--hdm", action="append", default=[], metavar="NAME=ARGS",
+                        help="add an HDM row: a name and train_masks.py overrides, e.g. 'HDM 120 steps="
+                             "--schedule.max_steps 120'")
     parser.add_argument("--refuse", action="store_true",
                         help="also score the HDM run's stage maps fused by the plain sum, and its stage 1 alone")
     args = parser.parse_args()
     methods = {name: METHODS[name] for name in args.methods}
+    for item in args.hdm:
+        name, sep, extra = item.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--hdm {item!r}: expected NAME=ARGS")
+        methods[name.strip()] = [*HDM_RUN, *extra.split()]
     args.out.mkdir(parents=True, exist_ok=True)
     listing = args.out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")

@@ -80,12 +80,13 @@ GALLERY_IMAGES = 6
 
 @dataclass
 class Results:
-    """The images scored (name -> path) and, per method (run label), the table row and the mean
-    deletion/insertion curves."""
+    """The images scored (name -> path) and, per method (run label), the table row, the mean
+    deletion/insertion curves and each image's deletion/insertion AUC (in the order of ``images``)."""
 
     images: dict[str, str]
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    per_image: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -231,6 +232,7 @@ def evaluate(
     for label, metrics in scores.items():
         results.rows[label] = table_row(metrics, len(indices))
         results.curves[label] = {name: metrics[name].curve().cpu() for name in CURVES if name in metrics}
+        results.per_image[label] = {COLUMNS[name]: metrics[name].per_image().cpu() for name in CURVES if name in metrics}
     return results
 
 
@@ -249,7 +251,23 @@ def write_tables(results: Results, out_dir: Path) -> list[str]:
     note = (f"\nMeans over {len(results.images)} images. Lower is better for {', '.join(lower) or 'none'}; "
             "higher for the rest.\n")
     (out_dir / "results.md").write_text("\n".join(table) + "\n" + note)
+    write_per_image(results, out_dir / "per_image.csv")
     return columns
+
+
+def write_per_image(results: Results, path: Path) -> None:
+    """``per_image.csv``: one row per image and method with its deletion/insertion AUC, for paired
+    comparisons (a mean over a few photos can hinge on one of them)."""
+    scores = {label: columns for label, columns in results.per_image.items() if columns}
+    if not scores:
+        return
+    names = list(next(iter(scores.values())))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "method", *names])
+        for label, columns in scores.items():
+            for i, image in enumerate(results.images):
+                writer.writerow([image, label, *(f"{float(columns[n][i]):.6g}" for n in names)])
 
 
 def plot_curves(results: Results, name: str, path: Path) -> None:

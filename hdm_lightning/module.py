@@ -110,6 +110,7 @@ class MaskExplainer(LightningModule):
         lr_schedule: ``cosine`` decays each item's rate to 0 over ``lr_horizon`` of its steps (stable
             maps, issue 7); ``constant`` is the reference's.
         lr_horizon: steps of the cosine decay; the CLI links it to ``schedule.max_steps``.
+        lr_hold: share of ``lr_horizon`` run at the full rate before the cosine decay starts.
         relative_eps: Adam's ``ε`` for an ``s×s`` mask as a share of the sparsity term's gradient
             ``λ_1/s²`` (0: Adam's usual 1e-8). Adam moves every element by about ``lr`` whatever the
             size of its gradient, so once a later stage has little evidence left, float noise in the
@@ -159,6 +160,7 @@ class MaskExplainer(LightningModule):
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
+        lr_hold: float = 0.0,
         relative_eps: float = 1.0,
         score: Literal["logit", "log_odds"] = "logit",
         evidence_scale: Literal["stage", "image"] = "image",
@@ -190,6 +192,8 @@ class MaskExplainer(LightningModule):
         if lr_schedule not in ("constant", "cosine") or lr_horizon < 1:
             raise ValueError(f"model.lr_schedule must be 'constant' or 'cosine' and model.lr_horizon >= 1, got "
                              f"{lr_schedule!r}, {lr_horizon}")
+        if not 0 <= lr_hold < 1:
+            raise ValueError(f"model.lr_hold must be in [0, 1), got {lr_hold}")
         if relative_eps < 0:
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
         if score not in ("logit", "log_odds"):
@@ -273,7 +277,7 @@ class MaskExplainer(LightningModule):
     def configure_optimizers(self):
         horizon = self.hparams.lr_horizon if self.hparams.lr_schedule == "cosine" else None
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, horizon=horizon,
-                        eps=self.adam_eps)
+                        eps=self.adam_eps, hold=self.hparams.lr_hold)
 
     def adam_eps(self, size: int) -> float:
         """Adam's ``ε`` for ``size×size`` masks (see ``relative_eps``)."""

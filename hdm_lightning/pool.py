@@ -101,9 +101,10 @@ def adam_step(
     return param - step_size * (exp_avg / denominator), exp_avg, exp_avg_sq
 
 
-def cosine_lr(lr: float, step: Tensor, horizon: int) -> Tensor:
-    """Per-item learning rate ``lr · (1 + cos(π (t − 1) / T)) / 2`` at item step ``t`` (1 for the first),
-    flat at its last value after ``T = horizon``; ``(k,)`` steps -> ``(k,)`` rates.
+def cosine_lr(lr: float, step: Tensor, horizon: int, hold: float = 0.0) -> Tensor:
+    """Per-item learning rate ``lr`` for the first ``H = hold · T`` item steps, then
+    ``lr · (1 + cos(π (t − 1 − H) / (T − H))) / 2`` at item step ``t`` (1 for the first), flat at its
+    last value after ``T = horizon``; ``(k,)`` steps -> ``(k,)`` rates.
 
     Adam moves every mask element by about ``lr`` a step whatever its gradient, so a constant rate
     leaves the masks wandering at the end of a level, and float noise (another batch, bf16, another
@@ -112,8 +113,11 @@ def cosine_lr(lr: float, step: Tensor, horizon: int) -> Tensor:
     Example:
         >>> cosine_lr(0.1, torch.tensor([1, 3, 5, 9]), 4)
         tensor([0.1000, 0.0500, 0.0000, 0.0000], dtype=torch.float64)
+        >>> cosine_lr(0.1, torch.tensor([1, 3, 4, 5]), 4, hold=0.5)
+        tensor([0.1000, 0.1000, 0.0500, 0.0000], dtype=torch.float64)
     """
-    progress = (step.double() - 1).clamp(0, horizon) / horizon
+    held = hold * horizon
+    progress = (step.double() - 1 - held).clamp(0, horizon - held) / max(horizon - held, 1e-12)
     return lr * (1 + torch.cos(torch.pi * progress)) / 2
 
 
@@ -274,10 +278,11 @@ class MaskPool(nn.Module):
     # ------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, horizon: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
-             eps: float | Callable[[int], float] = 1e-8) -> None:
+             eps: float | Callable[[int], float] = 1e-8, hold: float = 0.0) -> None:
         """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
 
-        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps; ``eps`` may
+        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps (held at
+        ``lr`` for the first ``hold`` share of them); ``eps`` may
         depend on the mask size."""
         if "rows" not in self._chunks:
             self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
@@ -287,7 +292,7 @@ class MaskPool(nn.Module):
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
-            rate = lr if horizon is None else cosine_lr(lr, self.steps[rows], horizon)
+            rate = lr if horizon is None else cosine_lr(lr, self.steps[rows], horizon, hold)
             new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows], rate,
                                                      betas, eps(size) if callable(eps) else eps)
             mask[rows] = new.clamp(0, 1) if clamp else new
@@ -334,9 +339,10 @@ class ItemAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None,
-                 eps: float | Callable[[int], float] = 1e-8) -> None:
+                 eps: float | Callable[[int], float] = 1e-8, hold: float = 0.0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
         self.pool, self.size_of, self.clamp, self.horizon, self.eps = pool, size_of, clamp, horizon, eps
+        self.hold = hold
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -344,5 +350,5 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon, eps=self.eps)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon, eps=self.eps, hold=self.hold)
         return loss

@@ -114,6 +114,14 @@ def test_scores_match_hand_computation(setting):
             assert min(picture.size) > 100
     markdown = (root / "eval" / "results.md").read_text().splitlines()
     assert markdown[0].startswith("| method | images | deletion_auc") and len(markdown) >= 4
+    with open(root / "eval" / "per_image.csv", newline="") as handle:  # one row per image and method
+        rows = list(csv.DictReader(handle))
+    assert [(r["image"], r["method"]) for r in rows] == [(p.stem, m) for m in table for p in paths[:2]]
+    for method, row in table.items():
+        mine = [r for r in rows if r["method"] == method]
+        for column in ("deletion_auc", "insertion_auc"):
+            assert np.mean([float(r[column]) for r in mine]) == pytest.approx(row[column], rel=1e-5)
+    assert all(float(r["deletion_auc"]) < 0.5 for r in rows if r["method"] == "oracle")
 
 
 def test_without_ground_truth_only_perturbation_metrics_are_computed(setting):

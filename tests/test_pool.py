@@ -6,7 +6,7 @@ import torch
 
 from hdm_lightning import masks as M
 from hdm_lightning.pool import (
-    Convergence, Item, MaskPool, adam_step, first_items, item_size, successors,
+    Convergence, Item, MaskPool, adam_step, cosine_lr, first_items, item_size, successors,
 )
 from tests.helpers.tiny import SIZE, SpotClassifier
 
@@ -197,3 +197,17 @@ def test_an_eps_on_the_sparsity_scale_damps_steps_driven_by_tiny_gradients():
         new, _, _ = adam_step(torch.ones_like(grad), grad, zeros, zeros, torch.tensor([1]), 0.1, eps=epsilon)
         assert (1 - new).flatten().tolist() == pytest.approx(expected, rel=1e-2)
     assert MaskExplainer(SpotClassifier(), relative_eps=0.0).adam_eps(4) == 1e-8
+
+
+def test_a_held_rate_stays_at_lr_then_decays_to_zero_by_the_horizon():
+    """``model.lr_hold``: the first ``hold · T`` item steps run at ``lr``, the rest follow the cosine,
+    ending at 0 at ``T``; a hold outside [0, 1) is refused, naming the setting."""
+    from hdm_lightning.module import MaskExplainer
+
+    steps = torch.arange(1, 42)
+    rates = cosine_lr(0.05, steps, 40, hold=0.25)
+    assert torch.all(rates[:11] == 0.05) and rates[11] < 0.05
+    assert torch.all(rates[1:] <= rates[:-1]) and rates[40] == 0 and rates[39] > 0
+    torch.testing.assert_close(cosine_lr(0.05, steps, 40, hold=0.0), cosine_lr(0.05, steps, 40))
+    with pytest.raises(ValueError, match="model.lr_hold"):
+        MaskExplainer(SpotClassifier(), lr_hold=1.0)

@@ -16,7 +16,8 @@ class PerturbationAUC(Metric):
 
     Subclasses define :meth:`_curve`, the (N, n + 1) class probabilities along the curve
     (see :func:`hdm_lightning.metrics.functional.perturbation_curve`). The state holds summed
-    AUCs and summed curves, so the result is exact under DDP.
+    AUCs and summed curves, so the result is exact under DDP, and each image's AUC in the order
+    the images came (:meth:`per_image`, for paired comparisons of methods).
 
     Args:
         classifier: frozen model, images -> logits (N, K). It is only called: the metric neither
@@ -50,6 +51,7 @@ class PerturbationAUC(Metric):
         self.add_state("auc_sum", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("curve_sum", torch.zeros(num_steps + 1), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("aucs", [], dist_reduce_fx="cat")
 
     def _curve(self, images: Tensor, maps: Tensor, targets: Tensor) -> Tensor:
         """The (N, num_steps + 1) curve of each image."""
@@ -64,13 +66,20 @@ class PerturbationAUC(Metric):
             targets: (N,) explained classes.
         """
         curve = self._curve(images, maps, targets)  # (N, n+1)
-        self.auc_sum += curve_auc(curve).sum()
+        aucs = curve_auc(curve)  # (N,)
+        self.aucs.append(aucs)
+        self.auc_sum += aucs.sum()
         self.curve_sum += curve.sum(dim=0)
         self.total += curve.shape[0]
 
     def compute(self) -> Tensor:
         """Mean AUC over all images seen."""
         return self.auc_sum / self.total
+
+    def per_image(self) -> Tensor:
+        """Each image's AUC, ``(N,)``, in the order of the updates (ranks concatenated under DDP)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+            return torch.cat(self.aucs) if self.aucs else torch.zeros(0)
 
     def curve(self) -> Tensor:
         """Mean curve over all images seen, (num_steps + 1,), synchronised across processes.
