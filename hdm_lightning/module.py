@@ -144,6 +144,11 @@ class MaskExplainer(LightningModule):
         max_items: most items in flight (``engine.max_items``): the pool's rows per mask size.
         compile: run the classifier through ``torch.compile``; batches are then padded to
             ``chunk_size`` (or ``max_items``) so that their shape never changes.
+        fixed_batch: pad every classifier batch to ``chunk_size`` (or ``max_items``) rows also
+            without ``compile``. A row's arithmetic then does not depend on the other items in the
+            batch nor on its place in it (the kernels are chosen by shape), so the same image gets
+            the bitwise same map in a batch of one or of many on one machine and thread count; the
+            padding rows cost passes (issue 7, stability).
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
         mean: normalisation mean of the classifier input (linked from the data settings).
         std: normalisation std of the classifier input (linked from the data settings).
@@ -174,6 +179,7 @@ class MaskExplainer(LightningModule):
         chunk_size: int | None = None,
         max_items: int = 16,
         compile: bool = False,
+        fixed_batch: bool = False,
         channels_last: bool = False,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
@@ -300,10 +306,10 @@ class MaskExplainer(LightningModule):
     # ---------------------------------------------------------------- classifier helpers
     def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
         """``f_c(x)`` (the class score, ``model.score``) for each image, float32, ``(N,)``. With
-        ``compile`` the batch is padded to a fixed size (the padding rows carry no gradient and are
-        dropped)."""
+        ``compile`` or ``fixed_batch`` the batch is padded to a fixed size (the padding rows carry no
+        gradient and are dropped)."""
         count = images.shape[0]
-        if self.hparams.compile:
+        if self.hparams.compile or self.hparams.fixed_batch:
             fixed = self.hparams.chunk_size or self.hparams.max_items
             padding = (-count) % fixed
             images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))]) if padding else images

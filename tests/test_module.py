@@ -71,6 +71,38 @@ def test_batched_images_equal_images_explained_alone(images, tmp_path):
         np.testing.assert_allclose(together[name], alone[name], atol=1e-5)
 
 
+class BatchRecorder(SpotClassifier):
+    """The spot classifier, recording the number of rows of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.rows.append(images.shape[0])
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batch_of_one_or_many(
+        images, tmp_path, fixed_batch):
+    """``model.fixed_batch``: every masked batch is padded to ``chunk_size`` rows, so the kernels and an
+    item's arithmetic do not depend on the other items (issue 7, stability); only the passes of one
+    image (its logits, its stage's reference and substrate) have 1 or 2 rows. Without it the batches
+    follow the items in flight. The maps agree bitwise either way here (this classifier's arithmetic does
+    not depend on the batch shape); EfficientNet-Lite0's does (``benchmarks/stability.py``)."""
+    module = {"fixed_batch": fixed_batch, "chunk_size": 8}
+    runs = {}
+    for batch_size in (1, 2):
+        recorder = BatchRecorder()
+        runs[batch_size] = maps(explain(images, tmp_path / f"batch{batch_size}", batch_size=batch_size,
+                                        classifier=recorder, module=module))
+        shapes = set(recorder.rows) - {1, 2}  # passes of one image: its logits, its stage reference
+        assert shapes == {8} if fixed_batch else len(shapes - {8}) > 0
+    for name in runs[1]:
+        np.testing.assert_array_equal(runs[1][name], runs[2][name])
+
+
 def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):
     """Issue 8, point 4: three images in a full pool (items wait for rows, converge at their own
     steps) get the maps each gets alone; only float reassociation may differ."""
