@@ -48,7 +48,8 @@ def main() -> None:
         moved, moved_grad = logit_and_gradient(model, padded(images[[3, 1, 2, 0]], 8), threads)
         bare, bare_grad = logit_and_gradient(model, images[:1], threads)
         bare4, bare4_grad = logit_and_gradient(model, images, threads)
-        print(f"{threads} thread(s): padded to 8, alone vs with 3 others: logit equal {torch.equal(alone[0], four[0])}, "
+        print(f"{threads} thread(s): padded to 8, alone vs with 3 others: logit equal "
+              f"{torch.equal(alone[0], four[0])}, "
               f"gradient equal {torch.equal(alone_grad[0], four_grad[0])}; row 0 vs row 3: "
               f"{torch.equal(four[0], moved[3]) and torch.equal(four_grad[0], moved_grad[3])}; unpadded, batch 1 vs 4: "
               f"logit equal {torch.equal(bare[0], bare4[0])}, gradient max diff "

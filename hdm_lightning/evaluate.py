@@ -232,7 +232,8 @@ def evaluate(
     for label, metrics in scores.items():
         results.rows[label] = table_row(metrics, len(indices))
         results.curves[label] = {name: metrics[name].curve().cpu() for name in CURVES if name in metrics}
-        results.per_image[label] = {COLUMNS[name]: metrics[name].per_image().cpu() for name in CURVES if name in metrics}
+        results.per_image[label] = {COLUMNS[name]: metrics[name].per_image().cpu()
+                                    for name in CURVES if name in metrics}
     return results
 
 
