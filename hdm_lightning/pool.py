@@ -282,8 +282,7 @@ class MaskPool(nn.Module):
         """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
 
         With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps (held at
-        ``lr`` for the first ``hold`` share of them); ``eps`` may
-        depend on the mask size."""
+        ``lr`` for the first ``hold`` share of them); ``eps`` may depend on the mask size."""
         if "rows" not in self._chunks:
             self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
                 if len(self) else []
@@ -341,8 +340,8 @@ class ItemAdam(torch.optim.Optimizer):
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None,
                  eps: float | Callable[[int], float] = 1e-8, hold: float = 0.0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
-        self.pool, self.size_of, self.clamp, self.horizon, self.eps = pool, size_of, clamp, horizon, eps
-        self.hold = hold
+        self.pool, self.size_of, self.clamp = pool, size_of, clamp
+        self.horizon, self.eps, self.hold = horizon, eps, hold
 
     @torch.no_grad()
     def step(self, closure=None):
