@@ -17,6 +17,7 @@ averaging would mix them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -31,7 +32,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
-from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, item_size, sharing
+from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy
 from hdm_lightning.targets import KeepTarget, TargetPolicy
 
@@ -281,9 +282,11 @@ class MaskExplainer(LightningModule):
 
     @override
     def configure_optimizers(self):
-        horizon = self.hparams.lr_horizon if self.hparams.lr_schedule == "cosine" else None
-        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, horizon=horizon,
-                        eps=self.adam_eps, hold=self.hparams.lr_hold)
+        rate = constant_lr
+        if self.hparams.lr_schedule == "cosine":
+            rate = partial(cosine_lr, horizon=self.hparams.lr_horizon, hold=self.hparams.lr_hold)
+        return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
+                        eps=self.adam_eps)
 
     def adam_eps(self, size: int) -> float:
         """Adam's ``ε`` for ``size×size`` masks (see ``relative_eps``)."""

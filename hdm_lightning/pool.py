@@ -121,6 +121,11 @@ def cosine_lr(lr: float, step: Tensor, horizon: int, hold: float = 0.0) -> Tenso
     return lr * (1 + torch.cos(torch.pi * progress)) / 2
 
 
+def constant_lr(lr: float, step: Tensor) -> float:
+    """The rate ``lr`` at every item step (the reference's schedule)."""
+    return lr
+
+
 def update_patience(best: Tensor, since: Tensor, loss: Tensor, min_delta: float, elapsed: Tensor) -> tuple[Tensor, Tensor]:
     """Best loss so far and steps since it improved by more than ``min_delta`` (relative), per item.
 
@@ -277,12 +282,12 @@ class MaskPool(nn.Module):
 
     # ------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, size_of, lr: float, clamp: bool, horizon: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
-             eps: float | Callable[[int], float] = 1e-8, hold: float = 0.0) -> None:
+    def step(self, size_of, lr: float, clamp: bool, rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
+             betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8) -> None:
         """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
 
-        With a ``horizon`` each item's rate follows :func:`cosine_lr` over its own steps (held at
-        ``lr`` for the first ``hold`` share of them); ``eps`` may depend on the mask size."""
+        ``rate(lr, steps)`` gives each item's rate from its own step count (:func:`constant_lr`,
+        :func:`cosine_lr`); ``eps`` may depend on the mask size."""
         if "rows" not in self._chunks:
             self._chunks["rows"] = [(g.size, g.slots) for g in self.split(self.packing(size_of), None)[0]] \
                 if len(self) else []
@@ -291,9 +296,9 @@ class MaskPool(nn.Module):
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
-            rate = lr if horizon is None else cosine_lr(lr, self.steps[rows], horizon, hold)
-            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows], rate,
-                                                     betas, eps(size) if callable(eps) else eps)
+            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows],
+                                                     rate(lr, self.steps[rows]), betas,
+                                                     eps(size) if callable(eps) else eps)
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
 
@@ -337,11 +342,11 @@ class ItemAdam(torch.optim.Optimizer):
     ``Optimizer`` lets the precision plugin unscale gradients (16-mixed) and Lightning count steps.
     """
 
-    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool, horizon: int | None = None,
-                 eps: float | Callable[[int], float] = 1e-8, hold: float = 0.0) -> None:
+    def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
+                 rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
+                 eps: float | Callable[[int], float] = 1e-8) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
-        self.pool, self.size_of, self.clamp = pool, size_of, clamp
-        self.horizon, self.eps, self.hold = horizon, eps, hold
+        self.pool, self.size_of, self.clamp, self.rate, self.eps = pool, size_of, clamp, rate, eps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -349,5 +354,5 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.horizon, eps=self.eps, hold=self.hold)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps)
         return loss
