@@ -131,6 +131,11 @@ class MaskExplainer(LightningModule):
             kept, ``Up(a_l) ⊙ M_{l−1}`` on their own ``[0, 1]`` scale, and a stage map the mean of its
             level maps). Under ``minmax`` a level or stage whose masks fell towards 0 is stretched
             to full range, float noise included (issue 7, stability); under ``mask`` it stays faint.
+        level_maps: which level maps a stage map sums: ``all`` (the reference: every level of every
+            chain) or ``last`` (each chain's finest level only). A level map already carries the
+            coarser levels of its chain as factors (``M_l = minmax(Up(a_l) ⊙ M_{l−1})``), so the
+            finest one is the chain's result; the coarse benchmark maps (7×7, 10×10 cells of 32 and
+            22 px) add broad blur around it (issue 7, scenes of several objects).
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -171,6 +176,7 @@ class MaskExplainer(LightningModule):
         score: Literal["logit", "log_odds"] = "logit",
         evidence_scale: Literal["stage", "image"] = "image",
         map_scale: Literal["minmax", "mask"] = "minmax",
+        level_maps: Literal["all", "last"] = "all",
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -209,6 +215,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.evidence_scale must be 'stage' or 'image', got {evidence_scale!r}")
         if map_scale not in ("minmax", "mask"):
             raise ValueError(f"model.map_scale must be 'minmax' or 'mask', got {map_scale!r}")
+        if level_maps not in ("all", "last"):
+            raise ValueError(f"model.level_maps must be 'all' or 'last', got {level_maps!r}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -396,8 +404,8 @@ class MaskExplainer(LightningModule):
     def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,
                  loss: Tensor | None = None) -> None:
         """Level map ``M_l = minmax(Up(a_l) ⊙ M_{l-1})`` (without the minmax under ``map_scale=mask``)
-        added to the stage sum (once per chain it stands for); ``P_l`` and ``M_l`` kept for the
-        chains' next level. ``loss``, the item's last
+        added to the stage sum (once per chain it stands for; under ``level_maps=last`` only for the
+        chains it ends); ``P_l`` and ``M_l`` kept for the chains' next level. ``loss``, the item's last
         loss (0-d, on the device: no host sync), is added to the stage's final-loss accumulator."""
         if loss is not None:
             state.stage_loss = loss.detach().clone() if state.stage_loss is None else state.stage_loss + loss
@@ -406,9 +414,16 @@ class MaskExplainer(LightningModule):
         previous = state.previous[item.chain][1][None] if item.level > 0 else None
         stretch = self.hparams.map_scale == "minmax"
         level_map = M.level_map(mask[None], previous, state.stage_sum.shape, stretch)[0]  # (H, W)
-        state.stage_sum = state.stage_sum + len(chains) * level_map
+        state.stage_sum = state.stage_sum + len(self.counted_chains(item)) * level_map
         for chain in chains:
             state.previous[chain] = (superimposed, level_map)
+
+    def counted_chains(self, item: Item) -> list[int]:
+        """The chains whose stage sum an item's level map enters (see ``level_maps``)."""
+        chains = sharing(self.chains, item)
+        if self.hparams.level_maps == "all":
+            return chains
+        return [c for c in chains if len(self.chains[c].sizes) == item.level + 1]
 
     def guide(self, state: ImageState, item: Item) -> Tensor | None:
         """``R_b(P_{l-1})`` of an item, ``(s, s)``; None at level 0."""
@@ -423,8 +438,9 @@ class MaskExplainer(LightningModule):
         losses, where they were given)."""
         if self.hparams.map_scale == "minmax":
             state.stage_maps.append(M.minmax(state.stage_sum[None])[0])
-        else:  # every chain contributes each of its levels once
-            state.stage_maps.append(state.stage_sum / sum(len(c.sizes) for c in self.chains))
+        else:  # the mean of the level maps summed
+            summed = sum(len(c.sizes) for c in self.chains) if self.hparams.level_maps == "all" else len(self.chains)
+            state.stage_maps.append(state.stage_sum / summed)
         state.references.append(state.reference)
         if state.stage_items:
             state.final_losses.append(state.stage_loss / state.stage_items)
