@@ -256,7 +256,8 @@ IGNORED = (
 #: a stored configuration without one of them is read as having that value, so that an upgrade
 #: does not refuse a folder whose maps the new version would make the same way.
 ADDED = {"model.score": "logit", "model.evidence_scale": "stage", "model.map_scale": "minmax", "model.lr_hold": 0.0,
-         "model.fixed_batch": False, "model.level_maps": "all"}
+         "model.fixed_batch": False, "model.level_maps": "all",
+         "model.removal_threshold": 1.0}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

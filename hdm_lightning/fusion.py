@@ -63,7 +63,8 @@ class EvidenceFusion(Fusion):
     gets a weight near 0 instead of ``1/T`` (issue 7, "stage pollution"), and a broad stage map
     counts for what it adds to the cumulative removal, not for everything it covers.
     ``F = minmax(Σ_t w_t S_t)``; an image whose weights are all 0 falls back to equal
-    weights. Costs ``T + 1`` classifier passes.
+    weights. Costs ``T + 1`` classifier passes. ``removal`` turns ``C_t`` into what is removed, as
+    for the stages' inputs (``model.removal_threshold``; the module sets it).
 
     Example:
         >>> maps = torch.tensor([[[[1., 0.]]], [[[0., 1.]]]])  # (T=2, N=1, 1, 2): stage 2 finds pixel 2
@@ -72,18 +73,21 @@ class EvidenceFusion(Fusion):
         tensor([[[1., 0.]]])
     """
 
+    removal: Callable[[Tensor], Tensor] = staticmethod(lambda found: found)
+
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        weights = self.weights(stage_maps, score, reference)  # (T, N)
+        weights = self.weights(stage_maps, score, reference, self.removal)  # (T, N)
         weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
         return minmax((weights[:, :, None, None] * stage_maps).sum(dim=0))
 
     @staticmethod
     @torch.no_grad()
-    def weights(stages: Tensor, score: Score, reference: Tensor) -> Tensor:
+    def weights(stages: Tensor, score: Score, reference: Tensor,
+                removal: Callable[[Tensor], Tensor] = lambda found: found) -> Tensor:
         """``(T, N, H, W)`` stage maps -> ``(T, N)`` weights ``w_t``."""
         evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
         # f_c(x ⊙ (1 − C_t)) for t = 0 … T
-        left = [reference] + [score(1 - cumulative(stages[: t + 1])) for t in range(len(stages))]
+        left = [reference] + [score(1 - removal(cumulative(stages[: t + 1]))) for t in range(len(stages))]
         return torch.stack([((left[t] - left[t + 1]) / evidence).clamp(0, 1) for t in range(len(stages))])
 
 

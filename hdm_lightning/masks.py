@@ -219,6 +219,20 @@ def cumulative(stage_maps: Tensor) -> Tensor:
     return minmax(stage_maps.sum(dim=0))
 
 
+def removal(found: Tensor, threshold: float = 1.0) -> Tensor:
+    """How much of each pixel the next stage loses: ``clamp(C_t / threshold, 0, 1)``.
+
+    ``threshold=1`` is the reference's soft removal ``x ⊙ (1 − C_t)``: only the map's maximum is
+    removed entirely, a pixel at ``C_t = 0.5`` keeps half its contrast, and the class's evidence
+    mostly survives. Below 1 every pixel at ``C_t ≥ threshold`` is removed entirely.
+
+    Example:
+        >>> removal(torch.tensor([0.0, 0.25, 0.5, 1.0]), 0.5)
+        tensor([0.0000, 0.5000, 1.0000, 1.0000])
+    """
+    return (found / threshold).clamp(0, 1)
+
+
 def remove_found(
     images: Tensor, found: Tensor, mean: Tensor, std: Tensor
 ) -> Tensor:

@@ -136,6 +136,10 @@ class MaskExplainer(LightningModule):
             coarser levels of its chain as factors (``M_l = minmax(Up(a_l) ⊙ M_{l−1})``), so the
             finest one is the chain's result; the coarse benchmark maps (7×7, 10×10 cells of 32 and
             22 px) add broad blur around it (issue 7, scenes of several objects).
+        removal_threshold: how much of what the stages found the next stage loses:
+            ``clamp(C_t / threshold, 0, 1)`` (:func:`~hdm_lightning.masks.removal`); 1 is the
+            reference's soft ``x ⊙ (1 − C_t)``, under which most of the class's evidence survives
+            the removal (issue 7). The evidence fusion scores the stages' removals the same way.
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
@@ -177,6 +181,7 @@ class MaskExplainer(LightningModule):
         evidence_scale: Literal["stage", "image"] = "image",
         map_scale: Literal["minmax", "mask"] = "minmax",
         level_maps: Literal["all", "last"] = "all",
+        removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
         substrate: Literal["mean", "blur"] = "mean",
@@ -217,6 +222,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.map_scale must be 'minmax' or 'mask', got {map_scale!r}")
         if level_maps not in ("all", "last"):
             raise ValueError(f"model.level_maps must be 'all' or 'last', got {level_maps!r}")
+        if not 0 < removal_threshold <= 1:
+            raise ValueError(f"model.removal_threshold must be in (0, 1], got {removal_threshold}")
         if substrate not in ("mean", "blur"):
             raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -231,6 +238,8 @@ class MaskExplainer(LightningModule):
         self.target_policy = target_policy or KeepTarget()
         self.consistency = consistency or EvidenceConsistency()
         self.fusion = fusion or EvidenceFusion()
+        if isinstance(self.fusion, EvidenceFusion):
+            self.fusion.removal = partial(M.removal, threshold=removal_threshold)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave the frozen classifier out
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
@@ -359,6 +368,7 @@ class MaskExplainer(LightningModule):
         if not state.stage_maps:
             return state.image
         found = M.cumulative(torch.stack(state.stage_maps)[:, None])  # C_t, (1, H, W)
+        found = M.removal(found, self.hparams.removal_threshold)
         return M.remove_found(state.image[None], found, self.mean, self.std)[0]
 
     @torch.no_grad()

@@ -82,3 +82,24 @@ def test_evidence_fusion_weights_add_up_to_what_the_cumulative_map_removes():
     removed = (reference - score(1 - cumulative(stages))) / evidence
     assert weights[:, 0].sum() == pytest.approx(float(removed[0].clamp(0, 1)), abs=1e-4)
     assert weights[0, 0] == pytest.approx(0.5, abs=0.05)
+
+
+def test_evidence_fusion_scores_the_stages_removal_as_the_stages_do():
+    """With ``model.removal_threshold`` 0.5 a stage map at 0.5 on the deciding square removes it
+    entirely, so that stage gets all the weight; under the soft removal it removes about half."""
+    from functools import partial
+
+    from hdm_lightning.masks import removal
+    from hdm_lightning.module import MaskExplainer
+
+    stages, score, reference = spot_scene()
+    stages[0] = 0.0
+    stages[0][(slice(None), *SPOT)] = 0.5
+    stages[0][0, 0, 0] = 1.0  # the map's maximum elsewhere: the square sits at 0.5 of C_1
+    soft = EvidenceFusion.weights(stages, score, reference)
+    hard = EvidenceFusion.weights(stages, score, reference, partial(removal, threshold=0.5))
+    assert hard[0, 0] == pytest.approx(1.0, abs=1e-4) and soft[0, 0] < 0.9
+    model = MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.5)
+    assert torch.equal(model.fusion.removal(torch.tensor([0.25, 0.5])), torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="model.removal_threshold"):
+        MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.0)

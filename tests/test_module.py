@@ -144,10 +144,14 @@ def run_stage(images, tmp_path, **module):
     return model, states
 
 
-def test_second_stage_sees_the_image_without_the_found_regions(images, tmp_path):
-    model, states = run_stage(images, tmp_path)
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_second_stage_sees_the_image_without_the_found_regions(images, tmp_path, threshold):
+    """Stage 2 explains ``x_rgb ⊙ (1 − clamp(C_1 / threshold, 0, 1))``: at ``model.removal_threshold``
+    1 the reference's soft removal, at 0.5 every pixel with ``C_1 ≥ 0.5`` removed entirely."""
+    model, states = run_stage(images, tmp_path, removal_threshold=threshold)
     for state in states:
         found = M.sum_maps(torch.stack(state.stage_maps)[:, None])
+        found = found if threshold == 1.0 else (found / threshold).clamp(0, 1)
         state.stage = 1
         model.begin_stage(state)
         expected = M.remove_found(state.image[None], found, model.mean, model.std)[0]
