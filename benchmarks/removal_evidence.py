@@ -3,7 +3,7 @@
 For each image of a finished run (EfficientNet-Lite0 runs, as ``photos_faithfulness.py`` makes), the
 share of the class's evidence ``(f_c(x ⊙ (1 − C_t)) − f_c(x_0)) / (f_c(x) − f_c(x_0))`` left once the
 cumulative map of stages 1…t is removed (``x_0`` the mean-colour image, removal as the evidence
-fusion scores it), the fusion weights ``w_t`` that follow from it, and the class's probability on
+fusion scores it, with the run's ``model.removal_threshold``), the fusion weights ``w_t`` that follow from it, and the class's probability on
 that image. A share near 1 means the removal leaves the evidence in place, and the weights are
 differences of a few hundredths.
 
@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     classifier = freeze(EfficientNetLite0())
+    config = yaml.safe_load((args.run / "config.yaml").read_text())
+    threshold = float(config.get("model", {}).get("removal_threshold", 1.0))
+    print(f"{args.run}: removal threshold {threshold}\n")
     print("| image | evidence f_c(x) − f_c(x_0) | share left after stage 1 / 2 / 3 | weights w_t | p_c left |")
     print("|---|---|---|---|---|")
     for line in (args.run / "index.jsonl").read_text().splitlines():
@@ -55,7 +59,7 @@ def main() -> None:
 
         full, floor = logits(torch.ones_like(maps[0])), logits(torch.zeros_like(maps[0]))
         evidence = float(full[row["target"]] - floor[row["target"]])
-        removed = [logits(1 - M.cumulative(maps[: t + 1])) for t in range(len(maps))]
+        removed = [logits(1 - M.removal(M.cumulative(maps[: t + 1]), threshold)) for t in range(len(maps))]
         left = [float(r[row["target"]] - floor[row["target"]]) / evidence for r in removed]
         weights = [min(max(a - b, 0.0), 1.0) for a, b in zip([1.0] + left, left)]
         probability = [float(r.softmax(0)[row["target"]]) for r in removed]

@@ -131,8 +131,8 @@ class MaskExplainer(LightningModule):
             kept, ``Up(a_l) ⊙ M_{l−1}`` on their own ``[0, 1]`` scale, and a stage map the mean of its
             level maps). Under ``minmax`` a level or stage whose masks fell towards 0 is stretched
             to full range, float noise included (issue 7, stability); under ``mask`` it stays faint.
-        level_maps: which level maps a stage map sums: ``all`` (the reference: every level of every
-            chain) or ``last`` (each chain's finest level only). A level map already carries the
+        level_maps: which level maps a stage map sums: ``last`` (each chain's finest level only) or
+            ``all`` (the reference: every level of every chain). A level map already carries the
             coarser levels of its chain as factors (``M_l = minmax(Up(a_l) ⊙ M_{l−1})``), so the
             finest one is the chain's result; the coarse benchmark maps (7×7, 10×10 cells of 32 and
             22 px) add broad blur around it (issue 7, scenes of several objects).
@@ -180,7 +180,7 @@ class MaskExplainer(LightningModule):
         score: Literal["logit", "log_odds"] = "logit",
         evidence_scale: Literal["stage", "image"] = "image",
         map_scale: Literal["minmax", "mask"] = "minmax",
-        level_maps: Literal["all", "last"] = "all",
+        level_maps: Literal["all", "last"] = "last",
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,

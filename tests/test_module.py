@@ -171,9 +171,9 @@ def test_stage_map_sums_level_maps_of_every_chain(images, tmp_path):
 
 
 def test_stage_map_is_the_normalised_sum_of_the_level_maps(images, tmp_path):
-    """One chain (3, 6): S = minmax(M_0 + M_1), with M_1 = minmax(Up(a_1) ⊙ M_0)."""
+    """One chain (3, 6) under ``level_maps=all``: S = minmax(M_0 + M_1), with M_1 = minmax(Up(a_1) ⊙ M_0)."""
     model, data, trainer = build(images, tmp_path / "run", module={"benchmark_sizes": (3,), "block_factors": (2,),
-                                                                   "max_size": 6})
+                                                                   "max_size": 6, "level_maps": "all"})
     data.setup()
     image = data.batch([0])["images"][0]
     model.image_rows(1, tuple(image.shape))
