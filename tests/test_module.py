@@ -30,9 +30,9 @@ def test_map_lands_on_the_deciding_square(images, tmp_path):
     spot_area = 64 / 32**2  # 6 % of the image
     for name, saliency in maps(run).items():
         assert saliency.shape == (32, 32) and saliency.dtype == np.float32
-        # measured 0.31 and 0.31 on a 6 % area (0.32 with Adam's own eps, model.relative_eps 0)
-        assert spot_mass(saliency) > 0.25, name
-        assert spot_mass(saliency) > 4.5 * spot_area
+        # measured 0.65 and 0.66 on a 6 % area (0.31 and 0.31 with every level map, level_maps all)
+        assert spot_mass(saliency) > 0.5, name
+        assert spot_mass(saliency) > 8 * spot_area
 
 
 def test_log_odds_score_keeps_what_sets_the_class_apart(tmp_path):
