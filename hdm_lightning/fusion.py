@@ -24,6 +24,13 @@ from hdm_lightning.masks import EPS, consistency_loss, cumulative, minmax
 
 #: ``score(mask)`` maps ``(N, H, W)`` masks to the target logits ``(N,)`` of the masked images.
 Score = Callable[[Tensor], Tensor]
+#: ``removal(C_t)``: how much of each pixel a cumulative map ``C_t`` removes (``masks.removal``).
+Removal = Callable[[Tensor], Tensor]
+
+
+def whole(found: Tensor) -> Tensor:
+    """The reference's removal: ``C_t`` itself (``x ⊙ (1 − C_t)``)."""
+    return found
 
 
 class Fusion(ABC):
@@ -34,8 +41,10 @@ class Fusion(ABC):
     """
 
     @abstractmethod
-    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        """``reference`` holds the ``(N,)`` target logits on the unmasked images."""
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
+        """``reference`` holds the ``(N,)`` target logits on the unmasked images; ``removal`` is how
+        the method removed what the stages found (``model.removal_threshold``), for a fusion that
+        scores removals."""
 
 
 class SumFusion(Fusion):
@@ -48,7 +57,7 @@ class SumFusion(Fusion):
         tensor([[[0., 1.]]])
     """
 
-    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
         return cumulative(stage_maps)
 
 
@@ -64,7 +73,7 @@ class EvidenceFusion(Fusion):
     counts for what it adds to the cumulative removal, not for everything it covers.
     ``F = minmax(Σ_t w_t S_t)``; an image whose weights are all 0 falls back to equal
     weights. Costs ``T + 1`` classifier passes. ``removal`` turns ``C_t`` into what is removed, as
-    for the stages' inputs (``model.removal_threshold``; the module sets it).
+    for the stages' inputs (``model.removal_threshold``; the module passes it).
 
     Example:
         >>> maps = torch.tensor([[[[1., 0.]]], [[[0., 1.]]]])  # (T=2, N=1, 1, 2): stage 2 finds pixel 2
@@ -73,17 +82,14 @@ class EvidenceFusion(Fusion):
         tensor([[[1., 0.]]])
     """
 
-    removal: Callable[[Tensor], Tensor] = staticmethod(lambda found: found)
-
-    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
-        weights = self.weights(stage_maps, score, reference, self.removal)  # (T, N)
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
+        weights = self.weights(stage_maps, score, reference, removal)  # (T, N)
         weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
         return minmax((weights[:, :, None, None] * stage_maps).sum(dim=0))
 
     @staticmethod
     @torch.no_grad()
-    def weights(stages: Tensor, score: Score, reference: Tensor,
-                removal: Callable[[Tensor], Tensor] = lambda found: found) -> Tensor:
+    def weights(stages: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
         """``(T, N, H, W)`` stage maps -> ``(T, N)`` weights ``w_t``."""
         evidence = (reference - score(torch.zeros_like(stages[0]))).clamp_min(EPS)  # (N,)
         # f_c(x ⊙ (1 − C_t)) for t = 0 … T
@@ -113,7 +119,7 @@ class LearnedFusion(Fusion):
         self.consistency_weight = consistency_weight
         self.sparsity_weight = sparsity_weight
 
-    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor) -> Tensor:
+    def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
         stages = stage_maps.detach()  # (T, N, H, W)
         reference = reference.detach()
         theta = torch.zeros(stages.shape[:2], device=stages.device, requires_grad=True)  # (T, N)

@@ -238,8 +238,6 @@ class MaskExplainer(LightningModule):
         self.target_policy = target_policy or KeepTarget()
         self.consistency = consistency or EvidenceConsistency()
         self.fusion = fusion or EvidenceFusion()
-        if isinstance(self.fusion, EvidenceFusion):
-            self.fusion.removal = partial(M.removal, threshold=removal_threshold)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave the frozen classifier out
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
@@ -477,7 +475,8 @@ class MaskExplainer(LightningModule):
         def score(kept: Tensor) -> Tensor:
             return self.target_logit(M.apply_mask(image, kept, substrate), target)
 
-        fused = self.fusion(stage_maps, score, state.logit[None]).detach()[0]  # (H, W)
+        removal = partial(M.removal, threshold=self.hparams.removal_threshold)
+        fused = self.fusion(stage_maps, score, state.logit[None], removal).detach()[0]  # (H, W)
         with torch.no_grad():
             masked_logit = score(fused[None])[0]
         return {"map": fused, "stage_maps": stage_maps[:, 0], "masked_logit": masked_logit}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hdm_lightning.fusion import EvidenceFusion, LearnedFusion, SumFusion
+from hdm_lightning.fusion import EvidenceFusion, LearnedFusion, SumFusion, whole
 from tests.helpers.region_model import REGION, RegionClassifier, region_slices
 
 SPOT = region_slices(REGION)  # the class-1 logit rests on this square only
@@ -90,7 +90,7 @@ def test_evidence_fusion_scores_the_stages_removal_as_the_stages_do():
     from functools import partial
 
     from hdm_lightning.masks import removal
-    from hdm_lightning.module import MaskExplainer
+    from hdm_lightning.module import ImageState, MaskExplainer
 
     stages, score, reference = spot_scene()
     stages[0] = 0.0
@@ -99,7 +99,17 @@ def test_evidence_fusion_scores_the_stages_removal_as_the_stages_do():
     soft = EvidenceFusion.weights(stages, score, reference)
     hard = EvidenceFusion.weights(stages, score, reference, partial(removal, threshold=0.5))
     assert hard[0, 0] == pytest.approx(1.0, abs=1e-4) and soft[0, 0] < 0.9
-    model = MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.5)
+
+    class Recording(SumFusion):
+        def __call__(self, stage_maps, score, reference, removal=whole):
+            self.removal = removal
+            return super().__call__(stage_maps, score, reference, removal)
+
+    model = MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.5, fusion=Recording())
+    image = torch.rand(3, 32, 32)
+    state = ImageState(0, "x", "x", 0, image, 1, model.target_logit(image[None], torch.tensor([1]))[0],
+                       stage_maps=[stages[0][0], stages[1][0]])
+    model.fuse(state)  # the fusion is given the module's removal
     assert torch.equal(model.fusion.removal(torch.tensor([0.25, 0.5])), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="model.removal_threshold"):
         MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.0)
