@@ -74,6 +74,8 @@ class HDMCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,  # always last.ckpt, which a resume reads
                 "trainer.max_epochs": -1,  # the schedule stops the run; a finished run's checkpoint must not end a rerun
                 "trainer.log_every_n_steps": 10,
+                # spelled out, so that a run folder's config.yaml says which fusion made its maps
+                "model.fusion": {"class_path": "hdm_lightning.fusion.EvidenceFusion", "init_args": {"anchored": True}},
                 "trainer.enable_model_summary": False,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
@@ -257,20 +259,21 @@ IGNORED = (
 #: does not refuse a folder whose maps the new version would make the same way.
 ADDED = {"model.score": "logit", "model.evidence_scale": "stage", "model.map_scale": "minmax", "model.lr_hold": 0.0,
          "model.fixed_batch": False, "model.level_maps": "all",
-         "model.removal_threshold": 1.0}
+         "model.removal_threshold": 1.0, "model.fusion.class_path": "hdm_lightning.fusion.EvidenceFusion",
+         "model.fusion.init_args.anchored": False}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Dotted keys of a nested configuration.
+    """Dotted keys of a nested configuration; an empty section (``init_args: {}``) adds none.
 
     Example:
-        >>> flatten({"model": {"lr": 0.1, "classifier": {"class_path": "A"}}, "out_dir": "x"})
+        >>> flatten({"model": {"lr": 0.1, "classifier": {"class_path": "A", "init_args": {}}}, "out_dir": "x"})
         {'model.lr': 0.1, 'model.classifier.class_path': 'A', 'out_dir': 'x'}
     """
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value

@@ -62,18 +62,22 @@ class SumFusion(Fusion):
 
 
 class EvidenceFusion(Fusion):
-    """Each stage weighted by the evidence for the class that removing its new regions takes away.
+    """Stage 1 whole, each later stage weighted by the evidence for the class that removing its new
+    regions takes away.
 
     ``w_t = clamp((f_c(x ⊙ (1 − C_{t−1})) − f_c(x ⊙ (1 − C_t))) / (f_c(x) − f_c(x_0)), 0, 1)`` with
     ``C_t = cumulative(S_1 … S_t)`` the method's own cumulative map (``C_0 = 0``) and ``x_0`` the
     substrate alone: the share of the class's evidence that stage ``t`` adds to what the earlier
-    stages removed. The weights telescope: together they are the share that ``C_T`` removes. A stage
-    that runs once the evidence is gone (under ``map_scale=minmax`` still stretched to full range)
-    gets a weight near 0 instead of ``1/T`` (issue 7, "stage pollution"), and a broad stage map
-    counts for what it adds to the cumulative removal, not for everything it covers.
-    ``F = minmax(Σ_t w_t S_t)``; an image whose weights are all 0 falls back to equal
-    weights. Costs ``T + 1`` classifier passes. ``removal`` turns ``C_t`` into what is removed, as
-    for the stages' inputs (``model.removal_threshold``; the module passes it).
+    stages removed. ``F = minmax(S_1 + Σ_{t≥2} w_t S_t)``. A stage that runs once the evidence is
+    gone (under ``map_scale=minmax`` still stretched to full range) gets a weight near 0 instead of
+    ``1/T`` (issue 7, "stage pollution"), and a broad stage map counts for what it adds to the
+    cumulative removal, not for everything it covers. Stage 1 is anchored at weight 1: its masks
+    keep the class's evidence by construction, while its ``w_1`` under the soft removal is a few
+    hundredths on most photos (the removal leaves most evidence in place), so weighting it too let
+    float noise in those hundredths decide the mix (``anchored=False``, every stage at its ``w_t``,
+    is the form before; an image whose weights are then all 0 falls back to equal weights). Costs
+    ``T + 1`` classifier passes. ``removal`` turns ``C_t`` into what is removed, as for the stages'
+    inputs (``model.removal_threshold``; the module passes it).
 
     Example:
         >>> maps = torch.tensor([[[[1., 0.]]], [[[0., 1.]]]])  # (T=2, N=1, 1, 2): stage 2 finds pixel 2
@@ -82,8 +86,13 @@ class EvidenceFusion(Fusion):
         tensor([[[1., 0.]]])
     """
 
+    def __init__(self, anchored: bool = True) -> None:
+        self.anchored = anchored
+
     def __call__(self, stage_maps: Tensor, score: Score, reference: Tensor, removal: Removal = whole) -> Tensor:
         weights = self.weights(stage_maps, score, reference, removal)  # (T, N)
+        if self.anchored:
+            weights[0] = 1.0
         weights = torch.where(weights.sum(dim=0, keepdim=True) > 0, weights, torch.ones_like(weights))
         return minmax((weights[:, :, None, None] * stage_maps).sum(dim=0))
 

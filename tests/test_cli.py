@@ -195,3 +195,19 @@ def test_padded_maps_lie_on_the_region_of_the_original_picture(tmp_path):
         assert stage_map.shape == (32, 64)
     assert np.load(out / "stages" / "wide_stage1.npy")[region].mean() > 2 * np.load(
         out / "stages" / "wide_stage1.npy")[~region].mean()
+
+
+def test_a_folder_made_before_the_anchored_fusion_is_told_apart_from_the_new_default():
+    """A stored configuration without ``model.fusion`` (maps of the unanchored evidence fusion) differs
+    from today's default in the one key that changes its maps, and equals it with that key set back."""
+    from hdm_lightning.cli import config_differences
+
+    evidence = "hdm_lightning.fusion.EvidenceFusion"
+    before = {"model": {"lr": 0.05}}
+    now = {"model": {"lr": 0.05, "fusion": {"class_path": evidence, "init_args": {"anchored": True}}}}
+    assert config_differences(before, now) == ["model.fusion.init_args.anchored"]
+    now["model"]["fusion"]["init_args"]["anchored"] = False
+    assert config_differences(before, now) == []
+    plain_sum = {"class_path": "hdm_lightning.fusion.SumFusion"}
+    assert config_differences({"model": {"fusion": plain_sum}},
+                              {"model": {"fusion": {**plain_sum, "init_args": {}}}}) == []

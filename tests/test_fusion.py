@@ -56,8 +56,10 @@ def test_evidence_fusion_weights_stages_by_the_evidence_they_remove():
 
 def test_evidence_fusion_falls_back_to_equal_weights_without_evidence():
     stages = torch.rand(3, 2, 8, 8)
-    fused = EvidenceFusion()(stages, lambda kept: torch.zeros(kept.shape[0]), torch.zeros(2))
+    fused = EvidenceFusion(anchored=False)(stages, lambda kept: torch.zeros(kept.shape[0]), torch.zeros(2))
     assert torch.allclose(fused, SumFusion()(stages, None, None))
+    anchored = EvidenceFusion()(stages, lambda kept: torch.zeros(kept.shape[0]), torch.zeros(2))
+    assert torch.allclose(anchored, SumFusion()(stages[:1], None, None))  # stage 1 alone
 
 
 def test_learned_fusion_scale_follows_the_sparsity_term():
@@ -113,3 +115,27 @@ def test_evidence_fusion_scores_the_stages_removal_as_the_stages_do():
     assert torch.equal(model.fusion.removal(torch.tensor([0.25, 0.5])), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="model.removal_threshold"):
         MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.0)
+
+
+def test_anchored_fusion_keeps_stage_one_whole_and_adds_later_stages_by_their_evidence():
+    """Stage 1's soft removal takes little evidence (the square sits at 0.1 of a map whose maximum
+    is a stray pixel), stage 2 finds half the square: the evidence fusion lets stage 2 outweigh
+    stage 1 ten to one; the anchored fusion keeps stage 1 at weight 1 and adds stage 2 at its ``w_2``."""
+    stages, score, reference = spot_scene()
+    rows, cols = SPOT
+    middle = (rows.start + rows.stop) // 2
+    stages[0] = 0.0
+    stages[0][(slice(None), *SPOT)] = 0.1
+    stages[0][0, 0, 0] = 1.0
+    stages[1] = 0.0
+    stages[1][:, middle:rows.stop, cols] = 1.0
+    weights = EvidenceFusion.weights(stages, score, reference)
+    assert weights[0, 0] < 0.15 and weights[1, 0] > 0.3
+    anchored = EvidenceFusion()(stages, score, reference)
+    expected = stages[0] + weights[1, 0] * stages[1]
+    assert torch.allclose(anchored, (expected - expected.min()) / (expected.max() - expected.min()), atol=1e-6)
+    plain = EvidenceFusion(anchored=False)(stages, score, reference)
+    upper = (slice(None), slice(rows.start, middle), cols)
+    assert anchored[upper].mean() > 2 * plain[upper].mean()  # stage 1's half of the square stays visible
+    stages, score, reference = spot_scene()  # a later stage without evidence still counts for nothing
+    assert EvidenceFusion()(stages, score, reference)[CORNER].max() == pytest.approx(0.0, abs=1e-4)
