@@ -147,8 +147,9 @@ class MaskExplainer(LightningModule):
             mean colour) or ``blur`` (a Gaussian blur of the image).
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
-        fusion: how stage maps are fused; None means :class:`EvidenceFusion` (each stage weighted
-            by the evidence its regions hold); :class:`SumFusion` is the reference's equal sum.
+        fusion: how stage maps are fused; None means :class:`EvidenceFusion` (stage 1 whole, each
+            later stage weighted by the evidence its regions add); :class:`SumFusion` is the
+            reference's equal sum.
         chunk_size: most masked images per classifier forward (gradients accumulate over
             chunks); None sends every item in flight in one batch. Bounds memory.
         max_items: most items in flight (``engine.max_items``): the pool's rows per mask size.
