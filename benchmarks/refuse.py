@@ -64,7 +64,7 @@ def refuse(run: Path, out: Path, rules: list[str], classifier: torch.nn.Module) 
         row = json.loads(line)
         image = normalise(load_image(row["image"]), size)[None]
         saved = stage_maps(run, row["name"], row["stages"])  # at the photo's size, as the run wrote them
-        maps = F.interpolate(saved, size=(size, size), mode="bilinear", align_corners=False)[:, 0:1]  # as fused
+        maps = F.interpolate(saved, size=(size, size), mode="bilinear", align_corners=False)  # as fused
 
         def score(kept: torch.Tensor) -> torch.Tensor:
             return classifier(M.apply_mask(image.expand(len(kept), -1, -1, -1), kept,

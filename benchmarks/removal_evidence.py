@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 import sys
 
-import numpy as np
 import torch
 import yaml
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaics import normalise  # noqa: E402
+from refuse import stage_maps as saved_stage_maps  # noqa: E402
 
 from hdm_lightning import masks as M  # noqa: E402
 from hdm_lightning.data import load_image  # noqa: E402
@@ -32,8 +32,7 @@ from hdm_lightning.models import EfficientNetLite0, freeze  # noqa: E402
 
 def stage_maps(run: Path, name: str, stages: int, size: int) -> torch.Tensor:
     """``(T, 1, size, size)`` stage maps of one image, resized to the classifier input."""
-    maps = [torch.from_numpy(np.load(run / "stages" / f"{name}_stage{t + 1}.npy")).float() for t in range(stages)]
-    return F.interpolate(torch.stack(maps)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(saved_stage_maps(run, name, stages), size=(size, size), mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
