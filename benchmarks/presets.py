@@ -9,7 +9,10 @@ map of the same photo. ``paper`` costs 10^5 passes an image, so on a CPU run it 
 size (``--size 64``) and say so. Finished run folders are reused (the run folder is the truth).
 
 Usage:
-    python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2]
+    python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2] [--schedule.stages=1 ...]
+
+Settings after the script's own (``--schedule.stages=1``) go to every preset's run; give such a
+comparison its own ``--out``.
 """
 
 from __future__ import annotations
@@ -47,12 +50,12 @@ def folder_of(out: Path, preset: str) -> Path:
     return out / preset.split(" (")[0].replace(" ", "_").replace(",", "").replace("'", "")
 
 
-def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int) -> float:
+def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int, extra: list[str]) -> float:
     """Explain the photos (a finished folder costs nothing); seconds of this call."""
     folder = folder_of(out, preset)
     start = time.perf_counter()
     if len(list((folder / "maps").glob("*.npy"))) < photos:
-        subprocess.run([sys.executable, "train_masks.py", *PRESETS[preset], *COMMON, f"--data.images={listing}",
+        subprocess.run([sys.executable, "train_masks.py", *PRESETS[preset], *COMMON, *extra, f"--data.images={listing}",
                         f"--data.image_size={size}", "--data.batch_size=4", f"--out_dir={folder}"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -69,14 +72,14 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=6, help="how many of the photos (first N)")
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # --schedule.stages=1 ...: settings of every preset's run
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out = args.out / f"size{args.size}"
     out.mkdir(parents=True, exist_ok=True)
     listing = out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
     presets = ["paper", *[p for p in args.presets if p != "paper"]]
-    seconds = {p: run_preset(p, out, listing, args.size, args.photos) for p in presets}
+    seconds = {p: run_preset(p, out, listing, args.size, args.photos, extra) for p in presets}
     folders = [str(folder_of(out, p)) for p in presets]
     subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, f"--data.images={listing}",
                     f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
@@ -86,7 +89,7 @@ def main() -> None:
         scores = {row["method"]: {k: float(v) for k, v in row.items() if k != "method"} for row in csv.DictReader(handle)}
     paper = rows(folder_of(out, "paper"))
     lines = [f"Presets at {args.size} px on {args.photos} photos, EfficientNet-Lite0, "
-             f"`python benchmarks/presets.py --size {args.size} --photos {args.photos}`", "",
+             f"`python benchmarks/presets.py --size {args.size} --photos {args.photos}{''.join(' ' + e for e in extra)}`", "",
              "| preset | passes per image | seconds per image | deletion AUC | insertion AUC | correlation with paper (mean, min) |",
              "|---|---|---|---|---|---|"]
     for preset in presets:

@@ -257,7 +257,7 @@ IGNORED = (
 #: Settings added after folders were made, with the value that reproduces the maps made before:
 #: a stored configuration without one of them is read as having that value, so that an upgrade
 #: does not refuse a folder whose maps the new version would make the same way.
-ADDED = {"model.score": "logit", "model.evidence_scale": "stage", "model.map_scale": "minmax", "model.lr_hold": 0.0,
+ADDED = {"model.smoothness_weight": 0.0, "model.score": "logit", "model.evidence_scale": "stage", "model.map_scale": "minmax", "model.lr_hold": 0.0,
          "model.fixed_batch": False, "model.level_maps": "all",
          "model.removal_threshold": 1.0, "model.fusion.class_path": "hdm_lightning.fusion.EvidenceFusion",
          "model.fusion.init_args.anchored": False}

@@ -184,6 +184,25 @@ def sparsity_loss(mask: Tensor, weight: float) -> Tensor:
     return weight * mask.abs().flatten(1).mean(dim=1)
 
 
+def smoothness_loss(mask: Tensor, weight: float) -> Tensor:
+    """Squared differences between neighbouring elements of the trainable level, per item ``(N,)``::
+
+        λ_s (Σ (a[i+1, j] − a[i, j])² + Σ (a[i, j+1] − a[i, j])²) / s²
+
+    Not in the paper. Many masks keep a class's score about equally well; a quadratic penalty on
+    their roughness makes the objective favour the smooth, compact one, so that the optimum rather
+    than float rounding on Adam's path picks it (issue 7, stability). Per element its gradient is on
+    the scale of the sparsity term's ``λ_1/s²``.
+
+    Example:
+        >>> smoothness_loss(torch.tensor([[[0., 1.], [0., 1.]]]), 1.0)  # two unit steps over 4 elements
+        tensor([0.5000])
+    """
+    rows = (mask[..., 1:, :] - mask[..., :-1, :]).pow(2).flatten(1).sum(dim=1)
+    cols = (mask[..., :, 1:] - mask[..., :, :-1]).pow(2).flatten(1).sum(dim=1)
+    return weight * (rows + cols) / mask[0].numel()
+
+
 def level_map(mask: Tensor, previous_map: Tensor | None, size: tuple[int, int], stretch: bool = True) -> Tensor:
     """``M_l = minmax(Up(a_l) ⊙ M_{l−1})`` with ``M_{-1} = 1``; ``(N, s, s) -> (N, H, W)``.
 

@@ -94,7 +94,7 @@ def move(value: Any, device: torch.device) -> Any:
 class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
-    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed), usable on
+    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed, smooth masks), usable on
     a CPU; ``configs/paper.yaml`` sets the reference constants.
 
     Args:
@@ -107,6 +107,10 @@ class MaskExplainer(LightningModule):
             (one-sided, relative to the class's evidence); :class:`SquaredConsistency` is the
             reference's ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``.
         sparsity_weight: ``λ_1`` of the mask-value term.
+        smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
+            of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
+            that keep a class's score about equally well it makes the smooth, compact one the
+            optimum, so float rounding on Adam's path no longer picks one (issue 7, stability).
         lr: Adam learning rate of the masks (the first step's, under the cosine schedule).
         lr_schedule: ``cosine`` decays each item's rate to 0 over ``lr_horizon`` of its steps (stable
             maps, issue 7); ``constant`` is the reference's.
@@ -173,6 +177,7 @@ class MaskExplainer(LightningModule):
         max_size: int = 50,
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
+        smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
@@ -202,8 +207,9 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        if sparsity_weight < 0:
-            raise ValueError(f"model.sparsity_weight must be >= 0, got {sparsity_weight}")
+        if sparsity_weight < 0 or smoothness_weight < 0:
+            raise ValueError(f"model.sparsity_weight and model.smoothness_weight must be >= 0, got "
+                             f"{sparsity_weight}, {smoothness_weight}")
         if blur_sigma <= 0:
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
@@ -262,6 +268,8 @@ class MaskExplainer(LightningModule):
                 and ``self.floor[images]`` ``f_c`` of the stage's substrate alone.
         """
         sparsity = torch.cat([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in trainable])
+        if self.hparams.smoothness_weight:
+            sparsity = sparsity + torch.cat([M.smoothness_loss(a, self.hparams.smoothness_weight) for a in trainable])
         return self.consistency(logit, self.reference[images], self.floor[images]) + sparsity
 
     def chunk_losses(self, chunk: list[Group]) -> Tensor:

@@ -105,3 +105,17 @@ def test_log_odds_score_is_the_log_odds_of_the_softmax_probability():
     torch.testing.assert_close(M.class_score(logits, targets, "log_odds").double(), (p / (1 - p)).log(),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(M.class_score(logits, targets, "logit"), logits.float().diagonal()[:5])
+
+
+def test_smoothness_is_zero_on_constant_masks_and_pulls_a_spike_towards_its_neighbours():
+    flat = torch.full((2, 5, 5), 0.3)
+    assert torch.all(M.smoothness_loss(flat, 1.0) == 0)
+    spike = torch.zeros(1, 5, 5)
+    spike[0, 2, 2] = 1.0
+    spike.requires_grad_(True)
+    M.smoothness_loss(spike, 2.0).sum().backward()
+    # four unit steps around the spike: 2 * 4 / 25; its gradient 2 * 2 * 4 / 25 lowers it, raises each neighbour
+    assert M.smoothness_loss(spike, 2.0).item() == pytest.approx(8 / 25)
+    assert spike.grad[0, 2, 2].item() == pytest.approx(16 / 25)
+    assert spike.grad[0, 1, 2].item() == pytest.approx(-4 / 25)
+    assert spike.grad[0, 0, 0].item() == 0
