@@ -267,10 +267,10 @@ class MaskExplainer(LightningModule):
             images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``
                 and ``self.floor[images]`` ``f_c`` of the stage's substrate alone.
         """
-        sparsity = torch.cat([M.sparsity_loss(a, self.hparams.sparsity_weight) for a in trainable])
-        if self.hparams.smoothness_weight:
-            sparsity = sparsity + torch.cat([M.smoothness_loss(a, self.hparams.smoothness_weight) for a in trainable])
-        return self.consistency(logit, self.reference[images], self.floor[images]) + sparsity
+        sparsity, smoothness = self.hparams.sparsity_weight, self.hparams.smoothness_weight
+        mask_terms = torch.cat([M.sparsity_loss(a, sparsity) + (M.smoothness_loss(a, smoothness) if smoothness else 0)
+                                for a in trainable])  # one pass over the groups, one cat
+        return self.consistency(logit, self.reference[images], self.floor[images]) + mask_terms
 
     def chunk_losses(self, chunk: list[Group]) -> Tensor:
         """Losses of one classifier batch of items, ``(k,)``."""
