@@ -40,6 +40,9 @@ PRESETS = {
     "fast, 200 steps": ["--schedule.min_steps=100", "--schedule.max_steps=200", "--schedule.patience=50",
                         "--schedule.check_every=25"],
     "fast, paper's 30 masks": ["--model.benchmark_sizes=[6,7,8,9,10,11]", "--model.block_factors=[2,3,5]"],
+    "paper, fast's schedule": ["--config=configs/paper.yaml", "--model.lr=0.05", "--model.lr_schedule=cosine",
+                               "--schedule.min_steps=20", "--schedule.max_steps=40", "--schedule.patience=10",
+                               "--schedule.check_every=10", "--schedule.min_delta=0.01"],
     "paper": ["--config=configs/paper.yaml"],
 }
 COMMON = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
