@@ -44,6 +44,8 @@ PRESETS = {
     "paper, fast's schedule": ["--config=configs/paper.yaml", "--model.lr=0.05", "--model.lr_schedule=cosine",
                                "--schedule.min_steps=20", "--schedule.max_steps=40", "--schedule.patience=10",
                                "--schedule.check_every=10", "--schedule.min_delta=0.01"],
+    "paper, 150 steps": ["--config=configs/paper.yaml", "--schedule.min_steps=150", "--schedule.max_steps=150",
+                         "--schedule.check_every=50"],
     "paper": ["--config=configs/paper.yaml"],
 }
 COMMON = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
