@@ -3,10 +3,10 @@
 Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's top-1
 class through the real command line with ``configs/paper.yaml``, the defaults (``fast``) and
 presets between them; then, per preset: classifier passes per image (the index rows' ``steps``:
-masked images sent through the classifier), wall seconds of the preset's run over the photos
-(images share the pool, so an index row's own ``seconds`` is its time in flight, not its cost), deletion and insertion AUC (RISE
-protocol, ``hdm_lightning.evaluate``) and the Pearson correlation of each map with the ``paper``
-map of the same photo. ``paper`` costs 10^5 passes an image, so on a CPU run it at a small input
+masked images sent through the classifier), the preset's wall seconds over the photos, start-up
+included (images share the pool, so an index row's own ``seconds`` is its time in flight, not its
+cost), deletion and insertion AUC (RISE protocol, ``hdm_lightning.evaluate``) and the Pearson
+correlation of each map with the ``paper`` map of the same photo. ``paper`` costs 10^5 passes an image, so on a CPU run it at a small input
 size (``--size 64``) and say so. Finished run folders are reused (the run folder is the truth).
 
 Usage:
