@@ -6,8 +6,9 @@ presets between them; then, per preset: classifier passes per image (the index r
 masked images sent through the classifier), the preset's wall seconds over the photos, start-up
 included (images share the pool, so an index row's own ``seconds`` is its time in flight, not its
 cost), deletion and insertion AUC (RISE protocol, ``hdm_lightning.evaluate``) and the Pearson
-correlation of each map with the ``paper`` map of the same photo. ``paper`` costs 10^5 passes an image, so on a CPU run it at a small input
-size (``--size 64``) and say so. Finished run folders are reused (the run folder is the truth).
+correlation of each map with the ``paper`` map of the same photo. ``paper`` costs about 55 000 passes
+an image a stage, so on a CPU run it at a small input size (``--size 64``) and one stage
+(``--schedule.stages=1``), and say so. Finished run folders are reused (the run folder is the truth).
 
 Usage:
     python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2] [--schedule.stages=1 ...]
