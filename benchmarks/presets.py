@@ -2,7 +2,7 @@
 
 Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's top-1
 class through the real command line with ``configs/paper.yaml``, the defaults (``fast``) and
-presets between them; then, per preset: classifier passes per image (the index rows' ``steps``:
+presets between them; then, per preset: classifier passes per image (the index rows' ``passes``:
 masked images sent through the classifier), the preset's wall seconds over the photos, start-up
 included (images share the pool, so an index row's own ``seconds`` is its time in flight, not its
 cost), deletion and insertion AUC (RISE protocol, ``hdm_lightning.evaluate``) and the Pearson
@@ -102,7 +102,7 @@ def main() -> None:
     for preset in presets:
         folder = folder_of(out, preset)
         own = rows(folder)
-        passes = np.mean([r["steps"] for r in own.values()])
+        passes = np.mean([r.get("passes", r["steps"]) for r in own.values()])  # rows before "passes": one a step
         ran = seconds[preset] > 1  # a finished folder is reused: its time is not this call's
         per_image = f"{seconds[preset] / args.photos:.1f}" if ran else "(reused folder)"
         corr = [correlation(np.load(folder / "maps" / f"{n}.npy"), np.load(folder_of(out, "paper") / "maps" / f"{n}.npy"))

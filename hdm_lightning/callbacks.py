@@ -236,6 +236,7 @@ class HDMSchedule(Callback):
             "masked_logit": float(fused["masked_logit"]),
             "stages": len(state.stage_maps),
             "steps": state.steps,
+            "passes": state.steps * pl_module.passes_per_step,  # classifier passes of its items
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),
         }
         if state.final_losses:  # per stage run: the mean over its items of each one's last loss

@@ -132,29 +132,36 @@ def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor) -> Tensor:
     return baseline + (images - baseline) * mask.unsqueeze(1)
 
 
-def class_score(logits: Tensor, targets: Tensor, kind: str = "logit") -> Tensor:
+def class_score(logits: Tensor, targets: Tensor, kind: str | Tensor = "logit") -> Tensor:
     """The score of each image's class that a mask must keep, float32 ``(N,)``.
 
     ``logit`` is the reference's ``f_c``. ``log_odds`` is ``log p_c/(1 − p_c) = f_c − logsumexp_{k≠c} f_k``:
     it rises only where the class gains on the others, so in a scene of several objects the tile of
     another class keeps a class's logit but not its log-odds (issue 7), and it is monotone in the
-    probability that deletion and insertion measure.
+    probability that deletion and insertion measure. A bool ``(N,)`` tensor picks ``log_odds`` for
+    the rows where it is true and ``logit`` for the others.
 
     Example:
         >>> class_score(torch.tensor([[2., 0., 0.]]), torch.tensor([0]), "log_odds")
         tensor([1.3069])
+        >>> class_score(torch.tensor([[2., 0., 0.]] * 2), torch.tensor([0, 0]), torch.tensor([True, False]))
+        tensor([1.3069, 2.0000])
     """
     logits = logits.float()
     score = logits.gather(1, targets[:, None])[:, 0]
-    if kind == "logit":
+    if isinstance(kind, str) and kind == "logit":
         return score
     others = logits.scatter(1, targets[:, None], float("-inf")).logsumexp(dim=1)
-    return score - others
+    return score - others if isinstance(kind, str) else torch.where(kind, score - others, score)
 
 
 def consistency_loss(masked_logit: Tensor, reference_logit: Tensor, weight: float) -> Tensor:
     """Activation consistency ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``, one value per item ``(N,)``."""
     return weight * (masked_logit.float() - reference_logit.float()) ** 2
+
+
+#: Smallest class evidence ``f_c(x) − f_c(x_0)`` a share of it is computed from.
+MIN_EVIDENCE = 0.5
 
 
 def evidence_loss(
@@ -177,6 +184,28 @@ def evidence_loss(
     evidence = (reference_logit.float() - floor_logit.float()).clamp_min(min_evidence)
     drop = (reference_logit.float() - masked_logit.float()).clamp_min(0)
     return weight * (drop / evidence) ** 2
+
+
+def deletion_loss(
+    left_logit: Tensor, empty_logit: Tensor, evidence: Tensor, weight: float, min_evidence: float
+) -> Tensor:
+    """The complement's share of the class's evidence, one value per item ``(N,)``::
+
+        λ_d (max(0, f_c(x ⊙ (1 − Up(P))) − f_c(x_0)) / max(evidence, ε))²
+
+    A mask that keeps the class's score may do so with regions that are not the class's evidence:
+    on a mean-colour substrate a kept bright patch of sky reads as a spotlight, a few bright blobs
+    as an abacus (issue 7, mosaics). Removing such regions takes nothing from the class, so the
+    image without them still holds its evidence and this term stays high; it is low only when
+    what the mask keeps is what the class needs (Fong and Vedaldi's preservation and deletion
+    games, played by one mask). ``x_0`` is the substrate alone.
+
+    Example:
+        >>> deletion_loss(torch.tensor([6., 1.]), torch.tensor([2., 2.]), torch.tensor([8., 8.]), 1.0, 0.5)
+        tensor([0.2500, 0.0000])
+    """
+    left = (left_logit.float() - empty_logit.float()).clamp_min(0)
+    return weight * (left / evidence.float().clamp_min(min_evidence)) ** 2
 
 
 def sparsity_loss(mask: Tensor, weight: float) -> Tensor:

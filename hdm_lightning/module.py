@@ -51,11 +51,14 @@ class ImageState:
     image: Tensor  # (C, H, W), normalised
     target: int  # the class explained (top-1 where the input gave none)
     logit: Tensor  # f_c(x), 0-d
+    later_logit: Tensor | None = None  # f_c(x) in the later stages' score (``later_score``), 0-d
     stage: int = 0
     stage_target: int = -1  # class of the current stage (target policy)
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
-    floor: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
+    floor: Tensor | None = None  # what a drop is measured from (``evidence_scale``), 0-d
+    empty: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
     evidence: Tensor | None = None  # stage 1's f_c(x) − f_c(x_0), 0-d
+    later_evidence: Tensor | None = None  # the same in the later stages' score (``later_score``), 0-d
     stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
     references: list[Tensor] = field(default_factory=list)  # f_c(x^(t)) of each finished stage
     stage_sum: Tensor | None = None  # Σ level maps of the current stage, (H, W)
@@ -107,6 +110,10 @@ class MaskExplainer(LightningModule):
             (one-sided, relative to the class's evidence); :class:`SquaredConsistency` is the
             reference's ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``.
         sparsity_weight: ``λ_1`` of the mask-value term.
+        deletion_weight: ``λ_d`` of :func:`~hdm_lightning.masks.deletion_loss`: the evidence left in the
+            stage input with the mask's kept regions removed (not in the paper, 0 leaves it out). It
+            costs a second classifier pass per item and step; it keeps a mask from holding the score
+            with regions that are not the class's evidence (issue 7, mosaics).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -124,7 +131,12 @@ class MaskExplainer(LightningModule):
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
-            fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score.
+            fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score, except
+            what ``later_score`` sets.
+        later_score: the score the masks of stages 2 on keep (their consistency term, references
+            and floors) and the fusion weighs the stages in; None: ``score``. Once the earlier stages removed most of the class's
+            evidence, the log-odds of a class barely present is decided by the other classes' logits,
+            and a later stage's masks follow float noise (issue 7, stability); its logit is steadier.
         evidence_scale: what a later stage's drop is a share of in :class:`EvidenceConsistency`:
             ``image`` (the image's, as in stage 1; the original class's, also under ``Repredict``) or
             ``stage`` (the evidence its input still holds).
@@ -177,6 +189,7 @@ class MaskExplainer(LightningModule):
         max_size: int = 50,
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
+        deletion_weight: float = 0.0,
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -184,6 +197,7 @@ class MaskExplainer(LightningModule):
         lr_hold: float = 0.0,
         relative_eps: float = 1.0,
         score: Literal["logit", "log_odds"] = "logit",
+        later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
         map_scale: Literal["minmax", "mask"] = "minmax",
         level_maps: Literal["all", "last"] = "last",
@@ -207,9 +221,9 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.benchmark_sizes must be positive sizes, got {benchmark_sizes}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        if sparsity_weight < 0 or smoothness_weight < 0:
-            raise ValueError(f"model.sparsity_weight and model.smoothness_weight must be >= 0, got "
-                             f"{sparsity_weight}, {smoothness_weight}")
+        if min(sparsity_weight, smoothness_weight, deletion_weight) < 0:
+            raise ValueError(f"model.sparsity_weight, model.smoothness_weight and model.deletion_weight must be "
+                             f">= 0, got {sparsity_weight}, {smoothness_weight}, {deletion_weight}")
         if blur_sigma <= 0:
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
@@ -221,8 +235,9 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.lr_hold must be in [0, 1), got {lr_hold}")
         if relative_eps < 0:
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
-        if score not in ("logit", "log_odds"):
-            raise ValueError(f"model.score must be 'logit' or 'log_odds', got {score!r}")
+        if score not in ("logit", "log_odds") or later_score not in ("logit", "log_odds", None):
+            raise ValueError(f"model.score and model.later_score must be 'logit' or 'log_odds', got {score!r}, "
+                             f"{later_score!r}")
         if evidence_scale not in ("stage", "image"):
             raise ValueError(f"model.evidence_scale must be 'stage' or 'image', got {evidence_scale!r}")
         if map_scale not in ("minmax", "mask"):
@@ -257,20 +272,27 @@ class MaskExplainer(LightningModule):
     def size_of(self, item: Item) -> int:
         return item_size(self.chains, item)
 
-    def item_losses(self, logit: Tensor, trainable: list[Tensor], images: Tensor) -> Tensor:
+    def item_losses(self, logit: Tensor, trainable: list[Tensor], images: Tensor, left: Tensor | None = None) -> Tensor:
         """The loss of each item (``HDM-METHOD.md`` section 1), ``(k,)``: the one place its form lives.
 
         Args:
             logit: ``f_c`` of each item's masked image, ``(k,)``.
             trainable: the items' trainable masks ``a_l``, one ``(k_s, s, s)`` tensor per size, in
                 the order of ``logit``.
-            images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``
-                and ``self.floor[images]`` ``f_c`` of the stage's substrate alone.
+            images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``,
+                ``self.floor[images]`` what a drop is measured from and ``self.empty[images]`` ``f_c``
+                of the stage's substrate alone.
+            left: ``f_c`` of each item's stage input with the kept regions removed (``deletion_weight``).
         """
         sparsity, smoothness = self.hparams.sparsity_weight, self.hparams.smoothness_weight
         mask_terms = torch.cat([M.sparsity_loss(a, sparsity) + (M.smoothness_loss(a, smoothness) if smoothness else 0)
                                 for a in trainable])  # one pass over the groups, one cat
-        return self.consistency(logit, self.reference[images], self.floor[images]) + mask_terms
+        reference, floor = self.reference[images], self.floor[images]
+        losses = self.consistency(logit, reference, floor) + mask_terms
+        if left is not None:
+            losses = losses + M.deletion_loss(left, self.empty[images], reference - floor,
+                                              self.hparams.deletion_weight, M.MIN_EVIDENCE)
+        return losses
 
     def chunk_losses(self, chunk: list[Group]) -> Tensor:
         """Losses of one classifier batch of items, ``(k,)``."""
@@ -278,8 +300,13 @@ class MaskExplainer(LightningModule):
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             kept = self.pool.kept(chunk, self.stage_input.shape[-2:])  # (k, H, W)
             masked = M.apply_mask(self.stage_input[images], kept, self.substrate[images])  # (k, C, H, W)
-        logit = self.target_logit(masked, self.target[images])
-        return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images)
+        logit = self.target_logit(masked, self.target[images], self.log_odds[images])
+        left = None
+        if self.hparams.deletion_weight:  # a second pass: the batch shape stays that of the first
+            with torch.autocast(self.device.type, enabled=False):
+                removed = M.apply_mask(self.stage_input[images], 1 - kept, self.substrate[images])
+            left = self.target_logit(removed, self.target[images], self.log_odds[images])
+        return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images, left)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -312,6 +339,12 @@ class MaskExplainer(LightningModule):
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
                         eps=self.adam_eps)
 
+    @property
+    def passes_per_step(self) -> int:
+        """Classifier passes an item costs each step: its masked image, and the image without the
+        kept regions where the deletion term is on."""
+        return 2 if self.hparams.deletion_weight else 1
+
     def adam_eps(self, size: int) -> float:
         """Adam's ``ε`` for ``size×size`` masks (see ``relative_eps``)."""
         return self.hparams.relative_eps * self.hparams.sparsity_weight / size**2 or 1e-8
@@ -331,8 +364,9 @@ class MaskExplainer(LightningModule):
             )
 
     # ---------------------------------------------------------------- classifier helpers
-    def target_logit(self, images: Tensor, targets: Tensor) -> Tensor:
-        """``f_c(x)`` (the class score, ``model.score``) for each image, float32, ``(N,)``. With
+    def target_logit(self, images: Tensor, targets: Tensor, kind: str | Tensor | None = None) -> Tensor:
+        """``f_c(x)`` (the class score: ``kind``, by default ``model.score``; a bool tensor picks
+        ``log_odds`` per row, :func:`~hdm_lightning.masks.class_score`) for each image, float32, ``(N,)``. With
         ``compile`` or ``fixed_batch`` the batch is padded to a fixed size (the padding rows carry no
         gradient and are dropped)."""
         count = images.shape[0]
@@ -342,7 +376,12 @@ class MaskExplainer(LightningModule):
             images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))]) if padding else images
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return M.class_score(self.forward_classifier(images)[:count], targets, self.hparams.score)
+        kind = self.hparams.score if kind is None else kind
+        return M.class_score(self.forward_classifier(images)[:count], targets, kind)
+
+    def score_of(self, stage: int) -> str:
+        """The score the masks of ``stage`` (0-based) keep (``score``, ``later_score``)."""
+        return self.hparams.score if stage == 0 or self.hparams.later_score is None else self.hparams.later_score
 
     def make_substrate(self, images: Tensor) -> Tensor:
         if self.hparams.substrate == "mean":
@@ -367,7 +406,8 @@ class MaskExplainer(LightningModule):
         for name, row in (("stage_input", shape), ("substrate", shape)):
             self.register_buffer(name, torch.zeros(capacity, *row, device=self.device), persistent=False)
         self.register_buffer("target", torch.zeros(capacity, dtype=torch.long, device=self.device), persistent=False)
-        for name in ("reference", "floor"):
+        self.register_buffer("log_odds", torch.zeros(capacity, dtype=torch.bool, device=self.device), persistent=False)
+        for name in ("reference", "floor", "empty"):
             self.register_buffer(name, torch.zeros(capacity, device=self.device), persistent=False)
 
     def stage_input_of(self, state: ImageState) -> Tensor:
@@ -385,7 +425,9 @@ class MaskExplainer(LightningModule):
         self.stage_input[state.slot] = stage_input
         self.substrate[state.slot] = self.make_substrate(stage_input[None])[0]
         self.target[state.slot] = state.stage_target
+        self.log_odds[state.slot] = self.score_of(state.stage) == "log_odds"
         self.reference[state.slot], self.floor[state.slot] = state.reference, state.floor
+        self.empty[state.slot] = state.floor if state.empty is None else state.empty  # None: an older checkpoint
 
     # ---------------------------------------------------------------- an image's method steps
     @torch.no_grad()
@@ -396,8 +438,10 @@ class MaskExplainer(LightningModule):
         if not -1 <= target < logits.shape[0]:
             raise ValueError(f"target {target} outside [0, {logits.shape[0]}) (-1: top-1 class)")
         target = int(logits.argmax()) if target < 0 else target
-        score = M.class_score(logits[None], torch.tensor([target], device=self.device), self.hparams.score)[0]
-        return ImageState(key, name, path, slot, image, target, score)
+        targets = torch.tensor([target], device=self.device)
+        score = M.class_score(logits[None], targets, self.hparams.score)[0]
+        later = M.class_score(logits[None], targets, self.score_of(1))[0]
+        return ImageState(key, name, path, slot, image, target, score, later_logit=later)
 
     @torch.no_grad()
     def begin_stage(self, state: ImageState) -> None:
@@ -408,11 +452,14 @@ class MaskExplainer(LightningModule):
         original = torch.tensor([state.target], device=self.device)
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)
         state.stage_target = int(target[0])
-        state.reference, state.floor = M.class_score(logits, target.expand(2), self.hparams.score)
+        state.reference, state.floor = M.class_score(logits, target.expand(2), self.score_of(state.stage))
+        state.empty = state.floor
         if state.stage == 0:
             state.evidence = state.reference - state.floor
+            later = M.class_score(logits, target.expand(2), self.score_of(1))
+            state.later_evidence = later[0] - later[1]  # the same evidence in the later stages' score
         elif self.hparams.evidence_scale == "image":  # the drop is then a share of stage 1's evidence
-            state.floor = state.reference - state.evidence
+            state.floor = state.reference - (state.evidence if state.later_evidence is None else state.later_evidence)
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
         self.load_stage(state)
@@ -475,17 +522,20 @@ class MaskExplainer(LightningModule):
         """The fused map of an image whose stages are over, and the target logit on the image kept by it.
 
         The fusion gets the stages the image ran, ``(t, 1, H, W)`` (fewer than ``T`` where the
-        stopping rule stopped it).
+        stopping rule stopped it), and scores the evidence of the stages in the later stages' score
+        (``later_score``: the score their masks kept); the masked logit is in ``score``.
         """
         image, target = state.image[None], torch.tensor([state.target], device=self.device)
         substrate = self.make_substrate(image)
         stage_maps = torch.stack(state.stage_maps)[:, None]  # (t, 1, H, W)
 
-        def score(kept: Tensor) -> Tensor:
-            return self.target_logit(M.apply_mask(image, kept, substrate), target)
+        def score(kept: Tensor, kind: str | None = None) -> Tensor:
+            return self.target_logit(M.apply_mask(image, kept, substrate), target, kind)
 
         removal = partial(M.removal, threshold=self.hparams.removal_threshold)
-        fused = self.fusion(stage_maps, score, state.logit[None], removal).detach()[0]  # (H, W)
+        reference = state.logit if state.later_logit is None else state.later_logit
+        later = partial(score, kind=self.score_of(1))
+        fused = self.fusion(stage_maps, later, reference[None], removal).detach()[0]  # (H, W)
         with torch.no_grad():
             masked_logit = score(fused[None])[0]
         return {"map": fused, "stage_maps": stage_maps[:, 0], "masked_logit": masked_logit}

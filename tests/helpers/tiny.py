@@ -68,3 +68,38 @@ class SharedSpotClassifier(nn.Module):
 def shared_spot_images(folder, count: int = 1, seed: int = 0) -> list:
     """PNG files with bright squares on ``SPOT`` and ``SHARED`` over noise; returns their paths."""
     return spot_images(folder, count, seed, squares=(SPOT, SHARED), prefix="shared")
+
+
+DECOY = (slice(16, 24), slice(0, 8))  # a square that raises class 1 where its neighbour is gone
+CONTEXT = (slice(16, 24), slice(8, 16))  # the neighbour, a little darker than the decoy
+
+
+class DecoyClassifier(nn.Module):
+    """Class 1 is ``4 a + 8 max(0, d − c)``, class 0 is 0, where ``a``, ``d`` and ``c`` are the mean
+    brightness (normalised) of ``SPOT``, ``DECOY`` and ``CONTEXT``.
+
+    In the images of :func:`decoy_images` ``d`` is a little above ``c``: the class's evidence is
+    ``SPOT`` (removing it takes most of the logit, removing ``DECOY`` a sixth). But a mask that keeps
+    ``DECOY`` and shows the mean colour (0) on ``CONTEXT`` keeps the logit with part of ``DECOY``
+    alone: an artefact of the mask, like a kept patch of bright sky that reads as a spotlight on a
+    grey substrate. The image without that patch keeps its evidence.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        brightness = images[:, 0]
+        a, d, c = (brightness[:, rows, columns].flatten(1).mean(1) for rows, columns in (SPOT, DECOY, CONTEXT))
+        return torch.stack([torch.zeros_like(a), 4 * a + 8 * (d - c).clamp_min(0)], dim=1)
+
+
+def decoy_images(folder, count: int = 1, seed: int = 0) -> list:
+    """PNG files with ``SPOT`` and ``DECOY`` at 0.95 and ``CONTEXT`` at 0.9 over noise in [0.2, 0.5]."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.uniform(0.2, 0.5, size=(SIZE, SIZE, 3))
+        pixels[SPOT] = pixels[DECOY] = 0.95
+        pixels[CONTEXT] = 0.9
+        path = folder / f"decoy{i}.png"
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
