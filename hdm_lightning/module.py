@@ -134,9 +134,10 @@ class MaskExplainer(LightningModule):
             fusion weights, the outputs' ``logit`` and ``masked_logit``) is then this score, except
             what ``later_score`` sets.
         later_score: the score the masks of stages 2 on keep (their consistency term, references
-            and floors) and the fusion weighs the stages in; None: ``score``. Once the earlier stages removed most of the class's
-            evidence, the log-odds of a class barely present is decided by the other classes' logits,
-            and a later stage's masks follow float noise (issue 7, stability); its logit is steadier.
+            and floors) and the fusion weighs the stages in; None: ``score``. Once the earlier
+            stages removed most of the class's evidence, the log-odds of a class barely present is
+            decided by the other classes' logits, and a later stage's masks follow float noise
+            (issue 7, stability); its logit is steadier.
         evidence_scale: what a later stage's drop is a share of in :class:`EvidenceConsistency`:
             ``image`` (the image's, as in stage 1; the original class's, also under ``Repredict``) or
             ``stage`` (the evidence its input still holds).
