@@ -62,7 +62,7 @@ class EvidenceConsistency(Consistency):
         tensor([0.2500, 0.0000])
     """
 
-    def __init__(self, weight: float = 1.0, min_evidence: float = 0.5) -> None:
+    def __init__(self, weight: float = 1.0, min_evidence: float = M.MIN_EVIDENCE) -> None:
         if weight < 0:
             raise ValueError(f"EvidenceConsistency: weight must be >= 0, got {weight}")
         if min_evidence <= 0:

@@ -301,12 +301,13 @@ class MaskExplainer(LightningModule):
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             kept = self.pool.kept(chunk, self.stage_input.shape[-2:])  # (k, H, W)
             masked = M.apply_mask(self.stage_input[images], kept, self.substrate[images])  # (k, C, H, W)
-        logit = self.target_logit(masked, self.target[images], self.log_odds[images])
+        kind = self.log_odds[images] if self.mixed_scores else None  # per row only where stages differ
+        logit = self.target_logit(masked, self.target[images], kind)
         left = None
         if self.hparams.deletion_weight:  # a second pass: the batch shape stays that of the first
             with torch.autocast(self.device.type, enabled=False):
                 removed = M.apply_mask(self.stage_input[images], 1 - kept, self.substrate[images])
-            left = self.target_logit(removed, self.target[images], self.log_odds[images])
+            left = self.target_logit(removed, self.target[images], kind)
         return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images, left)
 
     @override
@@ -379,6 +380,11 @@ class MaskExplainer(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         kind = self.hparams.score if kind is None else kind
         return M.class_score(self.forward_classifier(images)[:count], targets, kind)
+
+    @property
+    def mixed_scores(self) -> bool:
+        """Whether stage 1 and the later stages keep different scores (``later_score``)."""
+        return self.hparams.later_score not in (None, self.hparams.score)
 
     def score_of(self, stage: int) -> str:
         """The score the masks of ``stage`` (0-based) keep (``score``, ``later_score``)."""
