@@ -205,7 +205,7 @@ class MaskExplainer(LightningModule):
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
-        substrate: Literal["mean", "blur"] = "mean",
+        substrate: Literal["mean", "blur"] = "blur",
         blur_sigma: float = 10.0,
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
