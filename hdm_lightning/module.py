@@ -127,7 +127,10 @@ class MaskExplainer(LightningModule):
             ``λ_1/s²`` (0: Adam's usual 1e-8). Adam moves every element by about ``lr`` whatever the
             size of its gradient, so once a later stage has little evidence left, float noise in the
             consistency gradient steers the masks (issue 7, stability); with ``ε`` on the scale of the
-            sparsity push, an element whose gradient is far below it moves far less than ``lr``.
+            sparsity push, an element whose gradient is far below it moves far less than ``lr``. At
+            0.5 an element that only the sparsity term pushes moves ``lr/1.5`` a step, so a mask's
+            background falls from 0.5 to 0 within the decayed steps rather than just at their end,
+            leaving no faint haze over the rest of the image (issue 7, scenes of several objects).
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
@@ -160,8 +163,11 @@ class MaskExplainer(LightningModule):
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
-        substrate: what a mask value of 0 shows: ``mean`` (zero in normalised space, the dataset
-            mean colour) or ``blur`` (a Gaussian blur of the image).
+        substrate: what a mask value of 0 shows: ``blur`` (a Gaussian blur of the stage input, Fong
+            and Vedaldi's perturbation) or ``mean`` (zero in normalised space, the dataset mean
+            colour: the reference's ``x ⊙ Up(P)``). On the mean colour a kept bright patch can read as
+            an object the classifier knows (a spotlight, abacus beads) and keep a class's score with an
+            artefact; a blur keeps the image's colours and layout without its detail (issue 7).
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
         fusion: how stage maps are fused; None means :class:`EvidenceFusion` (stage 1 whole, each
@@ -196,7 +202,7 @@ class MaskExplainer(LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         lr_horizon: int = 40,
         lr_hold: float = 0.0,
-        relative_eps: float = 1.0,
+        relative_eps: float = 0.5,
         score: Literal["logit", "log_odds"] = "logit",
         later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
