@@ -8,7 +8,8 @@ the source run's), which ``hdm_lightning.evaluate`` scores like any run. Rules:
 - ``anchored``: stage 1 at weight 1, each later stage at its ``w_t`` (``EvidenceFusion()``, the default);
 - ``sum``: the reference's plain normalised sum; ``stage1``: stage 1 alone.
 
-Runs of EfficientNet-Lite0 with the mean-colour substrate and the logit score (the defaults);
+Runs of EfficientNet-Lite0 with the mean-colour substrate (``--model.substrate mean``; the defaults
+before the blur) and the logit score; others are refused by name;
 ``model.removal_threshold`` is read from the run's ``config.yaml``.
 
     python benchmarks/refuse.py runs/photos7_last/HDM_last --out runs/refuse/photos7 [--rules anchored sum]
@@ -54,6 +55,10 @@ def stage_maps(run: Path, name: str, stages: int) -> torch.Tensor:
 def refuse(run: Path, out: Path, rules: list[str], classifier: torch.nn.Module) -> dict[str, Path]:
     """Writes ``out/<rule>`` for each rule; returns the folders."""
     config = yaml.safe_load((run / "config.yaml").read_text())
+    substrate = config.get("model", {}).get("substrate", "mean")
+    if substrate != "mean":  # x_0 and the removal are recomputed on the mean colour here
+        sys.exit(f"{run / 'config.yaml'}: model.substrate is {substrate!r}; this script re-scores runs "
+                 "made with the mean-colour substrate (rerun with --model.substrate mean)")
     size = int(config["data"]["image_size"])
     removal = partial(M.removal, threshold=float(config.get("model", {}).get("removal_threshold", 1.0)))
     folders = {rule: out / rule for rule in rules}

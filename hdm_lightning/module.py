@@ -400,7 +400,8 @@ class MaskExplainer(LightningModule):
         if self.hparams.substrate == "mean":
             return torch.zeros_like(images)
         sigma = self.hparams.blur_sigma
-        return gaussian_blur(images, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+        radius = min(int(3 * sigma), min(images.shape[-2:]) - 1)  # reflect padding needs radius < side
+        return gaussian_blur(images, kernel_size=2 * radius + 1, sigma=sigma)
 
     @override
     def train(self, mode: bool = True) -> MaskExplainer:

@@ -244,6 +244,19 @@ def test_learned_fusion_weights_down_a_stage_that_does_not_help():
     assert learned[corner].mean() < 0.5 * learned[(slice(None), *SPOT)].mean()
 
 
+@pytest.mark.parametrize("side", [8, 28, 96])
+def test_blur_substrate_keeps_flat_images_and_smooths_detail_at_any_size(side):
+    """The default substrate: a flat image stays itself, a checkerboard loses its contrast, also on
+    images smaller than the kernel's 3σ radius (an MNIST-sized 28 px against σ 10)."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF)
+    flat = torch.full((1, 3, side, side), 0.4)
+    torch.testing.assert_close(model.make_substrate(flat), flat)
+    board = (torch.arange(side)[:, None] + torch.arange(side)[None]) % 2 * 2.0 - 1  # ±1 checkerboard
+    blurred = model.make_substrate(board.expand(1, 3, side, side))
+    assert blurred.shape == (1, 3, side, side)
+    assert blurred.abs().max() < 0.2
+
+
 def test_bad_settings_name_the_setting():
     with pytest.raises(ValueError, match="model.lr"):
         build("unused", "unused", module={"lr": 0})
