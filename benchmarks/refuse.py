@@ -51,14 +51,20 @@ def stage_maps(run: Path, name: str, stages: int) -> torch.Tensor:
     return torch.stack(maps)[:, None]
 
 
+def require_mean_substrate(config: dict, run: Path) -> None:
+    """Exits with one line unless the run masked onto the mean colour: ``x_0`` and the removals are
+    recomputed on it here."""
+    substrate = config.get("model", {}).get("substrate", "mean")
+    if substrate != "mean":
+        sys.exit(f"{run / 'config.yaml'}: model.substrate is {substrate!r}; this script re-scores runs "
+                 "made with the mean-colour substrate (rerun with --model.substrate mean)")
+
+
 @torch.no_grad()
 def refuse(run: Path, out: Path, rules: list[str], classifier: torch.nn.Module) -> dict[str, Path]:
     """Writes ``out/<rule>`` for each rule; returns the folders."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    substrate = config.get("model", {}).get("substrate", "mean")
-    if substrate != "mean":  # x_0 and the removal are recomputed on the mean colour here
-        sys.exit(f"{run / 'config.yaml'}: model.substrate is {substrate!r}; this script re-scores runs "
-                 "made with the mean-colour substrate (rerun with --model.substrate mean)")
+    require_mean_substrate(config, run)
     size = int(config["data"]["image_size"])
     removal = partial(M.removal, threshold=float(config.get("model", {}).get("removal_threshold", 1.0)))
     folders = {rule: out / rule for rule in rules}

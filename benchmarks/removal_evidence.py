@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaics import normalise  # noqa: E402
-from refuse import stage_maps as saved_stage_maps  # noqa: E402
+from refuse import require_mean_substrate, stage_maps as saved_stage_maps  # noqa: E402
 
 from hdm_lightning import masks as M  # noqa: E402
 from hdm_lightning.data import load_image  # noqa: E402
@@ -44,10 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     classifier = freeze(EfficientNetLite0())
     config = yaml.safe_load((args.run / "config.yaml").read_text())
-    substrate = config.get("model", {}).get("substrate", "mean")
-    if substrate != "mean":  # x_0 and the removal are recomputed on the mean colour here
-        sys.exit(f"{args.run / 'config.yaml'}: model.substrate is {substrate!r}; this script re-scores runs "
-                 "made with the mean-colour substrate (rerun with --model.substrate mean)")
+    require_mean_substrate(config, args.run)
     threshold = float(config.get("model", {}).get("removal_threshold", 1.0))
     print(f"{args.run}: removal threshold {threshold}\n")
     print("| image | evidence f_c(x) − f_c(x_0) | share left after stage 1 / 2 / 3 | weights w_t | p_c left |")

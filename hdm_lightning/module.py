@@ -433,11 +433,12 @@ class MaskExplainer(LightningModule):
         return M.remove_found(state.image[None], found, self.mean, self.std)[0]
 
     @torch.no_grad()
-    def load_stage(self, state: ImageState) -> None:
-        """Fills the image's row for its current stage from its state (stage input, substrate, logits)."""
-        stage_input = self.stage_input_of(state)
+    def load_stage(self, state: ImageState, stage_input: Tensor | None = None, substrate: Tensor | None = None) -> None:
+        """Fills the image's row for its current stage from its state (stage input, substrate, logits);
+        ``begin_stage`` passes the stage input and substrate it already made, a resume rebuilds them."""
+        stage_input = self.stage_input_of(state) if stage_input is None else stage_input
         self.stage_input[state.slot] = stage_input
-        self.substrate[state.slot] = self.make_substrate(stage_input[None])[0]
+        self.substrate[state.slot] = self.make_substrate(stage_input[None])[0] if substrate is None else substrate
         self.target[state.slot] = state.stage_target
         self.log_odds[state.slot] = self.score_of(state.stage) == "log_odds"
         self.reference[state.slot], self.floor[state.slot] = state.reference, state.floor
@@ -476,7 +477,7 @@ class MaskExplainer(LightningModule):
             state.floor = state.reference - (state.evidence if state.later_evidence is None else state.later_evidence)
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
-        self.load_stage(state)
+        self.load_stage(state, stage_input, substrate)
 
     @torch.no_grad()
     def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,
