@@ -235,6 +235,7 @@ class HDMSchedule(Callback):
             "logit": float(state.logit),
             "masked_logit": float(fused["masked_logit"]),
             "stages": len(state.stage_maps),
+            "substrate": state.substrate or pl_module.hparams.substrate,  # what its masks removed to
             "steps": state.steps,
             "passes": state.steps * pl_module.passes_per_step,  # classifier passes of its items
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),

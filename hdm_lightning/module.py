@@ -57,6 +57,7 @@ class ImageState:
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
     floor: Tensor | None = None  # what a drop is measured from (``evidence_scale``), 0-d
     empty: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
+    substrate: str = ""  # what a mask value of 0 shows for this image (``blur``, ``mean``); "": ``model.substrate``
     evidence: Tensor | None = None  # stage 1's f_c(x) − f_c(x_0), 0-d
     later_evidence: Tensor | None = None  # the same in the later stages' score (``later_score``), 0-d
     stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
@@ -164,11 +165,17 @@ class MaskExplainer(LightningModule):
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
         substrate: what a mask value of 0 shows: ``blur`` (a Gaussian blur of the stage input, Fong
-            and Vedaldi's perturbation) or ``mean`` (zero in normalised space, the dataset mean
-            colour: the reference's ``x ⊙ Up(P)``). On the mean colour a kept bright patch can read as
-            an object the classifier knows (a spotlight, abacus beads) and keep a class's score with an
-            artefact; a blur keeps the image's colours and layout without its detail (issue 7).
+            and Vedaldi's perturbation), ``mean`` (zero in normalised space, the dataset mean
+            colour: the reference's ``x ⊙ Up(P)``) or ``auto`` (the blur, unless it keeps more than
+            ``blur_keeps`` of the class's evidence; then the mean colour; chosen once an image, from
+            its own logits). On the mean colour a kept bright patch can read as an object the
+            classifier knows (a spotlight, abacus beads) and keep a class's score with an artefact; a
+            blur keeps the image's colours and layout without its detail (issue 7), but where the
+            class survives the blur (a bright blob, a texture at a large input size) the masks have
+            no evidence to keep and the map is noise.
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
+        blur_keeps: under ``substrate: auto``, the share of the class's evidence over the mean colour
+            (``f_c(x) − f_c(mean)``) that the blurred image may keep before the mean colour is used.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
         fusion: how stage maps are fused; None means :class:`EvidenceFusion` (stage 1 whole, each
             later stage weighted by the evidence its regions add); :class:`SumFusion` is the
@@ -211,8 +218,9 @@ class MaskExplainer(LightningModule):
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
-        substrate: Literal["mean", "blur"] = "blur",
+        substrate: Literal["mean", "blur", "auto"] = "auto",
         blur_sigma: float = 10.0,
+        blur_keeps: float = 0.5,
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
         chunk_size: int | None = None,
@@ -253,8 +261,10 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.level_maps must be 'all' or 'last', got {level_maps!r}")
         if not 0 < removal_threshold <= 1:
             raise ValueError(f"model.removal_threshold must be in (0, 1], got {removal_threshold}")
-        if substrate not in ("mean", "blur"):
-            raise ValueError(f"model.substrate must be 'mean' or 'blur', got {substrate!r}")
+        if substrate not in ("mean", "blur", "auto"):
+            raise ValueError(f"model.substrate must be 'mean', 'blur' or 'auto', got {substrate!r}")
+        if not 0 < blur_keeps <= 1:
+            raise ValueError(f"model.blur_keeps must be in (0, 1], got {blur_keeps}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
         self.classifier = freeze(classifier if classifier is not None else EfficientNetLite0())
         if channels_last:
@@ -396,8 +406,10 @@ class MaskExplainer(LightningModule):
         """The score the masks of ``stage`` (0-based) keep (``score``, ``later_score``)."""
         return self.hparams.score if stage == 0 or self.hparams.later_score is None else self.hparams.later_score
 
-    def make_substrate(self, images: Tensor) -> Tensor:
-        if self.hparams.substrate == "mean":
+    def make_substrate(self, images: Tensor, kind: str = "") -> Tensor:
+        """What a mask value of 0 shows, ``kind`` ``blur`` or ``mean`` (""; ``model.substrate``, whose
+        ``auto`` starts from the blur)."""
+        if (kind or self.hparams.substrate) == "mean":
             return torch.zeros_like(images)
         sigma = self.hparams.blur_sigma
         radius = min(int(3 * sigma), min(images.shape[-2:]) - 1)  # reflect padding needs radius < side
@@ -438,7 +450,9 @@ class MaskExplainer(LightningModule):
         ``begin_stage`` passes the stage input and substrate it already made, a resume rebuilds them."""
         stage_input = self.stage_input_of(state) if stage_input is None else stage_input
         self.stage_input[state.slot] = stage_input
-        self.substrate[state.slot] = self.make_substrate(stage_input[None])[0] if substrate is None else substrate
+        if substrate is None:
+            substrate = self.make_substrate(stage_input[None], state.substrate)[0]
+        self.substrate[state.slot] = substrate
         self.target[state.slot] = state.stage_target
         self.log_odds[state.slot] = self.score_of(state.stage) == "log_odds"
         self.reference[state.slot], self.floor[state.slot] = state.reference, state.floor
@@ -456,13 +470,24 @@ class MaskExplainer(LightningModule):
         targets = torch.tensor([target], device=self.device)
         score = M.class_score(logits[None], targets, self.hparams.score)[0]
         later = M.class_score(logits[None], targets, self.score_of(1))[0]
-        return ImageState(key, name, path, slot, image, target, score, later_logit=later)
+        substrate = self.choose_substrate(image, score, targets)
+        return ImageState(key, name, path, slot, image, target, score, later_logit=later, substrate=substrate)
+
+    def choose_substrate(self, image: Tensor, score: Tensor, target: Tensor) -> str:
+        """The image's substrate: ``model.substrate``, or under ``auto`` the blur unless the blurred
+        image keeps more than ``blur_keeps`` of the class's evidence over the mean colour (issue 7: at
+        448 px a spotlight and a thimble kept their whole logit under the blur)."""
+        if self.hparams.substrate != "auto":
+            return self.hparams.substrate
+        candidates = torch.stack([self.make_substrate(image[None], "blur")[0], torch.zeros_like(image)])
+        blurred, mean = M.class_score(self.classifier(candidates).float(), target.expand(2), self.hparams.score)
+        return "mean" if blurred - mean > self.hparams.blur_keeps * (score - mean) else "blur"
 
     @torch.no_grad()
     def begin_stage(self, state: ImageState) -> None:
         """Stage ``state.stage``: its target, ``f_c(x^(t))``, the floor, and its row; no item yet."""
         stage_input = self.stage_input_of(state)
-        substrate = self.make_substrate(stage_input[None])[0]
+        substrate = self.make_substrate(stage_input[None], state.substrate)[0]
         logits = self.classifier(torch.stack([stage_input, substrate])).float()  # (2, K)
         original = torch.tensor([state.target], device=self.device)
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)
@@ -541,7 +566,7 @@ class MaskExplainer(LightningModule):
         (``later_score``: the score their masks kept); the masked logit is in ``score``.
         """
         image, target = state.image[None], torch.tensor([state.target], device=self.device)
-        substrate = self.make_substrate(image)
+        substrate = self.make_substrate(image, state.substrate)
         stage_maps = torch.stack(state.stage_maps)[:, None]  # (t, 1, H, W)
 
         def score(kept: Tensor, kind: str | None = None) -> Tensor:

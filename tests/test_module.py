@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hdm_lightning import masks as M
 from hdm_lightning.fusion import LearnedFusion, SumFusion
@@ -255,6 +256,21 @@ def test_blur_substrate_keeps_flat_images_and_smooths_detail_at_any_size(side):
     blurred = model.make_substrate(board.expand(1, 3, side, side))
     assert blurred.shape == (1, 3, side, side)
     assert blurred.abs().max() < 0.2
+
+
+@pytest.mark.parametrize("sigma, chosen", [(10.0, "blur"), (0.5, "mean")])
+def test_auto_substrate_falls_back_to_the_mean_colour_where_the_blur_keeps_the_class(images, sigma, chosen):
+    """``substrate: auto``: the deciding square's brightness survives a 0.5-px blur (the blurred image
+    keeps the class, the masks would have nothing to keep), not a 10-px one on this 32-px image."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, blur_sigma=sigma)
+    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
+    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
+    score = model.classifier(image[None])[0, 1]
+    assert model.choose_substrate(image, score, torch.tensor([1])) == chosen
+    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
+    assert state.substrate == chosen
+    fixed = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, blur_sigma=sigma, substrate="blur")
+    assert fixed.choose_substrate(image, score, torch.tensor([1])) == "blur"
 
 
 def test_bad_settings_name_the_setting():
