@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from hdm_lightning.cli import main
@@ -112,7 +113,7 @@ def test_imported_classifier_loads_its_checkpoint(tmp_path):
         ImportedClassifier("nowhere.Model")
 
 
-@pytest.mark.parametrize("preset", ["paper", "fast", "mdm", "demo", "cluster"])
+@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "mdm", "demo", "cluster"])
 def test_every_preset_parses(preset, capsys):
     from hdm_lightning.cli import CONFIGS
 
@@ -129,6 +130,20 @@ def test_paper_preset_restores_the_reference_method(capsys):
         main(["--config", str(CONFIGS / "paper.yaml"), "--print_config"])
     paper = capsys.readouterr().out
     assert "SquaredConsistency" in paper and "SumFusion" in paper and "lr_schedule: constant" in paper
+
+
+def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
+    from hdm_lightning.cli import CONFIGS
+
+    printed = {}
+    for preset in ("fast", "thorough"):
+        with pytest.raises(SystemExit):
+            main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
+        printed[preset] = yaml.safe_load(capsys.readouterr().out)
+    fast, thorough = printed["fast"], printed["thorough"]
+    assert thorough["model"] == fast["model"]
+    assert (thorough["schedule"]["min_steps"], thorough["schedule"]["max_steps"]) == (100, 200)
+    assert (fast["schedule"]["min_steps"], fast["schedule"]["max_steps"]) == (20, 40)
 
 
 def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
