@@ -473,6 +473,7 @@ class MaskExplainer(LightningModule):
         substrate = self.choose_substrate(image, score, targets)
         return ImageState(key, name, path, slot, image, target, score, later_logit=later, substrate=substrate)
 
+    @torch.no_grad()
     def choose_substrate(self, image: Tensor, score: Tensor, target: Tensor) -> str:
         """The image's substrate: ``model.substrate``, or under ``auto`` the blur unless the blurred
         image keeps more than ``blur_keeps`` of the class's evidence over the mean colour (issue 7: at
