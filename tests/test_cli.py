@@ -226,3 +226,17 @@ def test_a_folder_made_before_the_anchored_fusion_is_told_apart_from_the_new_def
     plain_sum = {"class_path": "hdm_lightning.fusion.SumFusion"}
     assert config_differences({"model": {"fusion": plain_sum}},
                               {"model": {"fusion": {**plain_sum, "init_args": {}}}}) == []
+
+
+def test_a_folder_made_before_blur_keeps_and_the_deletion_term_is_accepted_where_its_maps_would_not_change():
+    """``blur_keeps`` only acts under ``substrate: auto``, which came with it; ``deletion_weight`` 0 and
+    ``later_score`` None are what folders before them used. A stored blur run without those keys equals
+    today's blur run, and still differs where a setting that changes maps does."""
+    from hdm_lightning.cli import config_differences
+
+    before = {"model": {"substrate": "blur", "relative_eps": 0.5, "lr_schedule": "cosine"}}
+    now = {"model": {"substrate": "blur", "relative_eps": 0.5, "lr_schedule": "cosine", "blur_keeps": 0.5,
+                     "deletion_weight": 0.0, "later_score": None}}
+    assert config_differences(before, now) == []
+    now["model"]["deletion_weight"] = 0.25
+    assert config_differences(before, now) == ["model.deletion_weight"]
