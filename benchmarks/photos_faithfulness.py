@@ -10,6 +10,8 @@ Usage:
     python benchmarks/photos_faithfulness.py [--out runs/photos]
     python benchmarks/photos_faithfulness.py --methods HDM "HDM reference" --photos 4 --num_steps 56 --refuse
     python benchmarks/photos_faithfulness.py --methods --hdm "HDM 120 steps=--schedule.max_steps 120" --photos 4
+    python benchmarks/photos_faithfulness.py --methods HDM Grad-CAM --common "--model.classifier=\
+        hdm_lightning.models.EfficientNetLite --model.classifier.variant=lite2 --data.image_size=260"
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--hdm", action="append", default=[], metavar="NAME=ARGS",
                         help="add an HDM row: a name and train_masks.py overrides, e.g. 'HDM 120 steps="
                              "--schedule.max_steps 120'")
+    parser.add_argument("--common", default="", metavar="ARGS",
+                        help="options of every method and of the scoring: another classifier and its input size")
     parser.add_argument("--refuse", action="store_true",
                         help="also score the HDM run's stage maps fused by the plain sum, and its stage 1 alone")
     args = parser.parse_args()
@@ -103,7 +107,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     listing = args.out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
-    data = [f"--data.images={listing}", "--data.batch_size=4"]
+    data = [f"--data.images={listing}", "--data.batch_size=4", *args.common.split()]
     folders, seconds = {}, {}
     for name, command in methods.items():
         folders[name] = args.out / name.split(" (")[0].replace(" ", "_")

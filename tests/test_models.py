@@ -61,3 +61,25 @@ def test_the_spot_square_decides_the_wrapped_networks():
     images[(0, slice(None), *SPOT)] = 1.0
     logits = freeze(ImportedClassifier("tests.helpers.wrapped.ObjectNet", output="logits"))(images)
     assert logits[0, 1] > logits[0, 0]
+
+
+def test_efficientnet_lite2_from_its_package_sees_the_cat():
+    from skimage import data
+
+    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
+    from hdm_lightning.models import EfficientNetLite, imagenet_categories
+
+    classifier = freeze(EfficientNetLite("lite2"))
+    pixels = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    pixels = torch.nn.functional.interpolate(pixels, (260, 260), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    assert imagenet_categories()[classifier((pixels - mean) / std).argmax()] == "Egyptian cat"
+
+
+def test_an_unknown_or_missing_efficientnet_lite_is_named():
+    from hdm_lightning.models import EfficientNetLite
+
+    with pytest.raises(ValueError, match="lite0 ... lite4, got 'lite9'"):
+        EfficientNetLite("lite9")
+    with pytest.raises(ImportError, match="pip install efficientnet-lite4-pytorch-model"):
+        EfficientNetLite("lite4")
