@@ -2,7 +2,9 @@
 
 The evidence-weighted fusion writes ``F = minmax(S_1 + w_2 S_2 + w_3 S_3)``; the weights are not
 stored, so they are recovered from ``F`` and the stage maps by least squares (``S_1 = a F − w_2 S_2
-− w_3 S_3 + b``). Variants written and scored with ``hdm_lightning.evaluate``:
+− w_3 S_3 + b``): unlike ``benchmarks/refuse.py``, which recomputes them with the classifier on the
+mean-colour substrate only, this reads any run. Variants written and scored with
+``hdm_lightning.evaluate``:
 
 - ``recon``: the weights recovered, refused (checks the recovery: must score as the run);
 - ``stage1``: stage 1 alone;
@@ -17,34 +19,38 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from refuse import stage_maps  # noqa: E402
+
+from hdm_lightning.masks import minmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def minmax(x: np.ndarray) -> np.ndarray:
-    return (x - x.min()) / max(x.max() - x.min(), 1e-12)
-
-
-def stages_and_weights(run: Path, name: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """The stage maps of one image and the later stages' fusion weights recovered from its fused map."""
-    stages = [np.load(p).astype(np.float64) for p in sorted((run / "stages").glob(f"{name}_stage*.npy"))]
-    fused = np.load(run / "maps" / f"{name}.npy").astype(np.float64)
-    columns = [fused.ravel(), *(-s.ravel() for s in stages[1:]), np.ones(fused.size)]
-    coef, *_ = np.linalg.lstsq(np.stack(columns, 1), stages[0].ravel(), rcond=None)
+def stages_and_weights(run: Path, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, H, W)`` stage maps of one image and the later stages' fusion weights ``(T - 1,)``
+    recovered from its fused map."""
+    stages = stage_maps(run, row["name"], row["stages"])[:, 0].double()
+    fused = torch.from_numpy(np.load(run / "maps" / f"{row['name']}.npy")).double()
+    columns = torch.stack([fused.ravel(), *(-stages[1:]).flatten(1), torch.ones(fused.numel(), dtype=fused.dtype)], 1)
+    coef = torch.linalg.lstsq(columns, stages[0].ravel()[:, None]).solution[:, 0]
     return stages, coef[1:-1]
 
 
-def write(folder: Path, index: Path, maps: dict[str, np.ndarray]) -> Path:
+def write(folder: Path, index: Path, maps: dict[str, torch.Tensor]) -> Path:
     (folder / "maps").mkdir(parents=True, exist_ok=True)
     shutil.copy(index, folder / "index.jsonl")
     for name, fused in maps.items():
-        np.save(folder / "maps" / f"{name}.npy", fused.astype(np.float32))
+        np.save(folder / "maps" / f"{name}.npy", minmax(fused[None])[0].float().numpy())
     return folder
 
 
@@ -56,16 +62,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "stage_mix")
     parser.add_argument("--num_steps", type=int, default=224)
     args = parser.parse_args()
-    names = sorted(p.stem for p in (args.run / "maps").glob("*.npy"))
-    variants: dict[str, dict[str, np.ndarray]] = {"recon": {}, "stage1": {}, "other_stage1": {}, "mix": {}}
-    for name in names:
-        stages, weights = stages_and_weights(args.run, name)
-        print(name, "later-stage weights", np.round(weights, 3))
-        later = sum(w * s for w, s in zip(weights, stages[1:]))
-        variants["recon"][name], variants["stage1"][name] = minmax(stages[0] + later), minmax(stages[0])
+    variants: dict[str, dict[str, torch.Tensor]] = {"recon": {}, "stage1": {}, "other_stage1": {}, "mix": {}}
+    for line in (args.run / "index.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        name = row["name"]
+        stages, weights = stages_and_weights(args.run, row)
+        print(name, "later-stage weights", [round(w, 3) for w in weights.tolist()])
+        later = (weights[:, None, None] * stages[1:]).sum(0)
+        variants["recon"][name], variants["stage1"][name] = stages[0] + later, stages[0]
         if args.other:
-            other = np.load(args.other / "stages" / f"{name}_stage1.npy").astype(np.float64)
-            variants["other_stage1"][name], variants["mix"][name] = minmax(other), minmax(other + later)
+            other = stage_maps(args.other, name, 1)[0, 0].double()
+            variants["other_stage1"][name], variants["mix"][name] = other, other + later
     folders = [write(args.out / v, args.run / "index.jsonl", maps) for v, maps in variants.items() if maps]
     subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *map(str, folders),
                     f"--data.images={args.images}", "--data.batch_size=4", "--metrics=[deletion,insertion,confidence]",

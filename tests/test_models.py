@@ -63,17 +63,15 @@ def test_the_spot_square_decides_the_wrapped_networks():
     assert logits[0, 1] > logits[0, 0]
 
 
-def test_efficientnet_lite2_from_its_package_sees_the_cat():
-    from skimage import data
-
-    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
+def test_efficientnet_lite2_from_its_package_sees_the_cat(tmp_path):
+    from hdm_lightning.data import ExplanationDataModule
     from hdm_lightning.models import EfficientNetLite, imagenet_categories
 
-    classifier = freeze(EfficientNetLite("lite2"))
-    pixels = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255
-    pixels = torch.nn.functional.interpolate(pixels, (260, 260), mode="bilinear", antialias=True)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    assert imagenet_categories()[classifier((pixels - mean) / std).argmax()] == "Egyptian cat"
+    (tmp_path / "photos.txt").write_text("skimage:chelsea\n")
+    data = ExplanationDataModule(str(tmp_path / "photos.txt"), image_size=260)  # Lite2's input size
+    data.setup()
+    logits = freeze(EfficientNetLite("lite2"))(data.batch([0])["images"])
+    assert imagenet_categories()[logits.argmax()] == "Egyptian cat"
 
 
 def test_an_unknown_or_missing_efficientnet_lite_is_named():
