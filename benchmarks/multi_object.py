@@ -1,7 +1,8 @@
 """Multi-object benchmark on real photos: is the map right for any class of a scene?
 
 Two 2×2 mosaics of package-shipped photos of different ImageNet classes (8 targets: every tile
-is explained for the class EfficientNet-Lite0 gives it alone, whatever its rank in the mosaic)
+is explained for the class the classifier gives it alone, whatever its rank in the mosaic;
+EfficientNet-Lite0, or another variant with ``--variant``)
 and one scene with two instances of one class (the cat, once mirrored). Scores, from
 ``benchmarks/mosaics.py``: share of the map's positive mass in the class's tile (energy grid
 pointing game, Rao, Boehle and Schiele, CVPR 2022; chance 0.25), pointing (argmax in the tile)
@@ -18,6 +19,7 @@ Usage:
     python benchmarks/multi_object.py                      # everything at 448 px (tiles of 224)
     python benchmarks/multi_object.py --hdm "HDM lr 0.1=--model.lr 0.1" --only "HDM lr 0.1"
     python benchmarks/multi_object.py --report-only        # tables and figure from the cache
+    python benchmarks/multi_object.py --variant lite2 --size 224 --only "HDM defaults" --only Grad-CAM
 """
 
 from __future__ import annotations
@@ -214,8 +216,10 @@ def rise_shared(rise, classifier, image: torch.Tensor, targets: list[int]) -> to
 
 
 def run_hdm(engine: Path, overrides: list[str], work: Path, scene_png: Path, target: Target, size: int,
-            threads: int) -> tuple[np.ndarray, float, dict]:
+            threads: int, variant: str = "lite0") -> tuple[np.ndarray, float, dict]:
     """One ``train_masks.py`` run for one target in its own folder (a killed run resumes there)."""
+    from hdm_lightning.models import EfficientNetLite
+
     work.mkdir(parents=True, exist_ok=True)
     image = work / f"{target.id}.png"
     image.write_bytes(scene_png.read_bytes())
@@ -223,7 +227,7 @@ def run_hdm(engine: Path, overrides: list[str], work: Path, scene_png: Path, tar
     manifest.write_text(f"image,target\n{image.name},{target.target}\n")
     out_dir = work / "run"
     command = [sys.executable, str(engine / "train_masks.py"), "--data.images", str(manifest), "--out_dir",
-               str(out_dir), "--data.image_size", str(size), *HDM_COMMON, *overrides]
+               str(out_dir), "--data.image_size", str(size), *HDM_COMMON, *EfficientNetLite.options(variant), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(work / "log.txt", "a") as log:
@@ -251,7 +255,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
 
 
-def summary(results: dict, targets: list[Target], methods: list[str], size: int, engine: str) -> str:
+def summary(results: dict, targets: list[Target], methods: list[str], size: int, engine: str,
+            variant: str = "lite0") -> str:
     singles = [t for t in targets if t.kind == "mosaic"]
     pairs = [t for t in targets if t.kind == "two_instances"]
     main, per_target = [], []
@@ -287,8 +292,9 @@ def summary(results: dict, targets: list[Target], methods: list[str], size: int,
                   if (r := results.get(m, {}).get(t.id)) is not None and r.get("stage_shares")]
     side = size // 2
     return "\n\n".join([
-        f"# Multi-object benchmark, {size} px input (tiles of {side} px), EfficientNet-Lite0",
-        f"Command: `python benchmarks/multi_object.py --size {size}` (commit {git_commit()}). "
+        f"# Multi-object benchmark, {size} px input (tiles of {side} px), EfficientNet-{variant.capitalize()}",
+        f"Command: `python benchmarks/multi_object.py --size {size}"
+        f"{'' if variant == 'lite0' else ' --variant ' + variant}` (commit {git_commit()}). "
         f"Share: positive mass of the map in the class's tile (chance 0.25), mean over the "
         f"{len(singles)} mosaic targets; pointing: the map's maximum in that tile; {COVER_RULE}. "
         f"HDM: engine {engine} (hash of hdm_lightning, train_masks.py, configs; results of other engines are "
@@ -357,6 +363,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redo", action="store_true", help="recompute the selected methods' cached results")
     parser.add_argument("--report-only", action="store_true", help="compute nothing; tables and figure from the cache")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each HDM run")
+    parser.add_argument("--variant", default="lite0",
+                        help="EfficientNet-Lite variant explained (lite0 … lite4; all but lite0 need the `lite` extra); "
+                             "results of a variant other than lite0 go to <results>/<variant>/")
     return parser.parse_args()
 
 
@@ -373,11 +382,11 @@ def hdm_variants(extra: list[str]) -> dict[str, list[str]]:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from hdm_lightning.models import EfficientNetLite0, freeze
+    from hdm_lightning.models import EfficientNetLite, freeze
 
-    classifier = freeze(EfficientNetLite0())
+    classifier = freeze(EfficientNetLite(args.variant))
     scenes, targets = build_scenes(classifier, classifier.class_names(), args.size)
-    base = args.results / f"size{args.size}"
+    base = args.results / ("" if args.variant == "lite0" else args.variant) / f"size{args.size}"
     for name, image in scenes.items():
         (base / "scenes").mkdir(parents=True, exist_ok=True)
         image.save(base / "scenes" / f"{name}.png")
@@ -418,8 +427,8 @@ def main() -> None:
             print(f"{name} / {', '.join(t.id for t in todo)} ...", flush=True)
             png = base / "scenes" / f"{scene}.png"
             if is_hdm:
-                outputs = (run_hdm(engine_dir, method, folders[name] / "work" / t.id, png, t, args.size, args.threads)
-                           for t in todo)
+                outputs = (run_hdm(engine_dir, method, folders[name] / "work" / t.id, png, t, args.size, args.threads,
+                                   args.variant) for t in todo)
             else:
                 from PIL import Image
 
@@ -431,7 +440,7 @@ def main() -> None:
                     "scores": score(torch.from_numpy(saliency), t.tiles), **extra})
                 print(f"  {t.id}: {results[name][t.id]['scores']} in {seconds:.1f} s", flush=True)
     shown = [m for m in methods if results[m]]
-    text = summary(results, targets, shown, args.size, engine)
+    text = summary(results, targets, shown, args.size, engine, args.variant)
     write_atomic(base / "summary.md", text.encode())
     figure(base / "maps.png", scenes, targets, {m: folders[m] for m in shown})
     print(text)

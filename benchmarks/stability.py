@@ -1,7 +1,7 @@
 """Are HDM maps a stable function of the image? The same photos under different arithmetic.
 
 Four photos shipped with scikit-image and matplotlib, each explained for EfficientNet-Lite0's
-top-1 class through the real command line, under runs that should give the same map: one image
+(or ``--variant``'s) top-1 class through the real command line, under runs that should give the same map: one image
 at a time (``data.batch_size=1``), all four together (``data.batch_size=4``), two CPU processes
 (``ddp_independent``), and ``bf16-mixed`` against float32. Reports, per image and pair of runs,
 the Pearson correlation of the fused maps (and of each stage's), and for bf16 the change of
@@ -10,7 +10,7 @@ deletion and insertion AUC (RISE protocol). Issue 7 asks for >= 0.99 (batch, pro
 
 Usage:
     python benchmarks/stability.py [--size 128] [--photos 4] [--runs batch1 batch4 2proc bf16]
-                                   [--out runs/stability] [--threads 1] [--model.lr=0.02 ...]
+                                   [--out runs/stability] [--threads 1] [--variant lite2] [--model.lr=0.02 ...]
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ def names(folder: Path) -> list[str]:
     return sorted(p.stem for p in (folder / "maps").glob("*.npy"))
 
 
-def auc_change(out: Path, size: int) -> dict[str, tuple[float, float]]:
+def auc_change(out: Path, size: int, variant: str = "lite0") -> dict[str, tuple[float, float]]:
     """Deletion and insertion AUC of the float32 (batch1) and bf16 maps, per image."""
     from hdm_lightning.data import ExplanationDataModule
     from hdm_lightning.metrics import functional as MF
-    from hdm_lightning.models import EfficientNetLite0
+    from hdm_lightning.models import EfficientNetLite
 
-    classifier = EfficientNetLite0().eval()
+    classifier = EfficientNetLite(variant).eval()
     data = ExplanationDataModule(str(out / "photos.txt"), image_size=size)  # the runs' own preprocessing
     data.setup()
     rows = {json.loads(line)["name"]: json.loads(line) for line in (out / "batch1" / "index.jsonl").open()}
@@ -99,8 +99,11 @@ def main() -> None:
                         help="runs to make (a finished run folder is reused: its rerun does no work)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every process of every run (default: Lightning's choice)")
+    parser.add_argument("--variant", default="lite0", help="EfficientNet-Lite variant explained (lite2: the `lite` extra)")
     args, extra = parser.parse_known_args()  # --model.lr=0.05 ... are train_masks.py settings
-    args.set = [*args.set, *extra]
+    from hdm_lightning.models import EfficientNetLite
+
+    args.set = [*EfficientNetLite.options(args.variant), *args.set, *extra]
     args.out.mkdir(parents=True, exist_ok=True)
     listing = args.out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
@@ -122,7 +125,7 @@ def main() -> None:
                       for name in names(args.out / first)]
             lines.append(f"| {first} vs {second}, stage {stage} | " + " | ".join(f"{v:.3f}" for v in values)
                          + f" | {min(values):.3f} |")
-    changes = auc_change(args.out, args.size) if {"batch1", "bf16"} <= set(args.runs) else {}
+    changes = auc_change(args.out, args.size, args.variant) if {"batch1", "bf16"} <= set(args.runs) else {}
     if changes:
         lines.append("| bf16 − float32 deletion AUC | " + " | ".join(f"{changes[n][0]:+.4f}" for n in sorted(changes)) + " | |")
         lines.append("| bf16 − float32 insertion AUC | " + " | ".join(f"{changes[n][1]:+.4f}" for n in sorted(changes)) + " | |")

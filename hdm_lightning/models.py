@@ -149,6 +149,13 @@ class EfficientNetLite(Classifier):
     def class_names(self) -> list[str]:
         return imagenet_categories()
 
+    @staticmethod
+    def options(variant: str) -> list[str]:
+        """``train_masks.py`` options that explain ``variant`` (none for ``lite0``, the default classifier)."""
+        if variant == "lite0":
+            return []
+        return ["--model.classifier", "hdm_lightning.models.EfficientNetLite", "--model.classifier.variant", variant]
+
 
 class EfficientNetLite0(EfficientNetLite):
     """EfficientNet-Lite0 (the demo's classifier): :class:`EfficientNetLite` ``lite0``."""

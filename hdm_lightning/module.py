@@ -174,6 +174,10 @@ class MaskExplainer(LightningModule):
             class survives the blur (a bright blob, a texture at a large input size) the masks have
             no evidence to keep and the map is noise.
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
+        blur_fade: how far the ``blur`` substrate is faded towards the mean colour, in ``[0, 1]``:
+            ``(1 − fade) · blur`` in normalised space. 0 keeps the blur's colours (what the insertion
+            AUC starts from); 1 is the mean colour (what the deletion AUC removes to). Between, a mask
+            must keep both the detail the blur removes and the colour the fade removes.
         blur_keeps: under ``substrate: auto``, the share of the class's evidence over the mean colour
             (``f_c(x) − f_c(mean)``) that the blurred image may keep before the mean colour is used.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
@@ -221,6 +225,7 @@ class MaskExplainer(LightningModule):
         substrate: Literal["mean", "blur", "auto"] = "auto",
         blur_sigma: float = 10.0,
         blur_keeps: float = 0.5,
+        blur_fade: float = 0.0,
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
         chunk_size: int | None = None,
@@ -265,6 +270,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.substrate must be 'mean', 'blur' or 'auto', got {substrate!r}")
         if not 0 < blur_keeps <= 1:
             raise ValueError(f"model.blur_keeps must be in (0, 1], got {blur_keeps}")
+        if not 0 <= blur_fade <= 1:
+            raise ValueError(f"model.blur_fade must be in [0, 1], got {blur_fade}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
         self.classifier = freeze(classifier if classifier is not None else EfficientNetLite0())
         if channels_last:
@@ -413,7 +420,7 @@ class MaskExplainer(LightningModule):
             return torch.zeros_like(images)
         sigma = self.hparams.blur_sigma
         radius = min(int(3 * sigma), min(images.shape[-2:]) - 1)  # reflect padding needs radius < side
-        return gaussian_blur(images, kernel_size=2 * radius + 1, sigma=sigma)
+        return (1 - self.hparams.blur_fade) * gaussian_blur(images, kernel_size=2 * radius + 1, sigma=sigma)
 
     @override
     def train(self, mode: bool = True) -> MaskExplainer:

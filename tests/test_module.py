@@ -258,6 +258,15 @@ def test_blur_substrate_keeps_flat_images_and_smooths_detail_at_any_size(side):
     assert blurred.abs().max() < 0.2
 
 
+@pytest.mark.parametrize("fade", [0.0, 0.5, 1.0])
+def test_blur_fade_moves_the_substrate_from_the_blur_to_the_mean_colour(fade):
+    """``blur_fade``: the blur scaled towards 0 (the mean colour in normalised space); 1 is ``mean``."""
+    image = torch.randn(1, 3, 40, 40) + 1.0
+    blurred = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF).make_substrate(image)
+    faded = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, blur_fade=fade).make_substrate(image)
+    torch.testing.assert_close(faded, (1 - fade) * blurred)
+
+
 @pytest.mark.parametrize("sigma, chosen", [(10.0, "blur"), (0.5, "mean")])
 def test_auto_substrate_falls_back_to_the_mean_colour_where_the_blur_keeps_the_class(images, sigma, chosen):
     """``substrate: auto``: the deciding square's brightness survives a 0.5-px blur (the blurred image
@@ -280,6 +289,8 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"substrate": "noise"})
     with pytest.raises(ValueError, match="model.sparsity_weight"):
         build("unused", "unused", module={"sparsity_weight": -1})
+    with pytest.raises(ValueError, match="model.blur_fade"):
+        build("unused", "unused", module={"blur_fade": 1.5})
     with pytest.raises(ValueError, match="schedule.patience"):
         build("unused", "unused", schedule={"min_delta": 1.5})
 
