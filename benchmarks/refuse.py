@@ -8,11 +8,15 @@ the source run's), which ``hdm_lightning.evaluate`` scores like any run. Rules:
 - ``anchored``: stage 1 at weight 1, each later stage at its ``w_t`` (``EvidenceFusion()``, the default);
 - ``sum``: the reference's plain normalised sum; ``stage1``: stage 1 alone.
 
-Runs of EfficientNet-Lite0 with the mean-colour substrate (``--model.substrate mean``; the defaults
-before the blur) and the logit score; others are refused by name;
-``model.removal_threshold`` is read from the run's ``config.yaml``.
+The evidence weights are scored here with the removals onto the mean colour, ``x ⊙ (1 − C_t)``, as
+the stages' own inputs remove what the earlier stages found (the paper's removal) and as the
+deletion AUC removes: for a run with the mean-colour substrate (``--model.substrate mean``) these are
+its own weights; for a run on the blur they are what the fusion would weigh if it removed to the
+mean colour too. The logit score; ``model.removal_threshold`` is read from the run's ``config.yaml``;
+``--variant`` names the EfficientNet-Lite the run explained.
 
     python benchmarks/refuse.py runs/photos7_last/HDM_last --out runs/refuse/photos7 [--rules anchored sum]
+    python benchmarks/refuse.py runs/photos7_lite2/HDM --variant lite2 --out runs/refuse/lite2
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from mosaics import normalise  # noqa: E402
 from hdm_lightning import masks as M  # noqa: E402
 from hdm_lightning.data import load_image  # noqa: E402
 from hdm_lightning.fusion import EvidenceFusion, SumFusion  # noqa: E402
-from hdm_lightning.models import EfficientNetLite0, freeze  # noqa: E402
+from hdm_lightning.models import EfficientNetLite, freeze  # noqa: E402
 
 RULES = {
     "evidence": EvidenceFusion(anchored=False),
@@ -51,20 +55,10 @@ def stage_maps(run: Path, name: str, stages: int) -> torch.Tensor:
     return torch.stack(maps)[:, None]
 
 
-def require_mean_substrate(config: dict, run: Path) -> None:
-    """Exits with one line unless the run masked onto the mean colour: ``x_0`` and the removals are
-    recomputed on it here."""
-    substrate = config.get("model", {}).get("substrate", "mean")
-    if substrate != "mean":
-        sys.exit(f"{run / 'config.yaml'}: model.substrate is {substrate!r}; this script re-scores runs "
-                 "made with the mean-colour substrate (rerun with --model.substrate mean)")
-
-
 @torch.no_grad()
 def refuse(run: Path, out: Path, rules: list[str], classifier: torch.nn.Module) -> dict[str, Path]:
     """Writes ``out/<rule>`` for each rule; returns the folders."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    require_mean_substrate(config, run)
     size = int(config["data"]["image_size"])
     removal = partial(M.removal, threshold=float(config.get("model", {}).get("removal_threshold", 1.0)))
     folders = {rule: out / rule for rule in rules}
@@ -94,9 +88,10 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished run folder (config.yaml, index.jsonl, stages/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for one run folder per rule")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--variant", default="lite0", help="the EfficientNet-Lite the run explained")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for rule, folder in refuse(args.run, args.out, args.rules, freeze(EfficientNetLite0())).items():
+    for rule, folder in refuse(args.run, args.out, args.rules, freeze(EfficientNetLite(args.variant))).items():
         print(f"{rule}: {folder}")
 
 
