@@ -227,7 +227,8 @@ def run_hdm(engine: Path, overrides: list[str], work: Path, scene_png: Path, tar
     manifest.write_text(f"image,target\n{image.name},{target.target}\n")
     out_dir = work / "run"
     command = [sys.executable, str(engine / "train_masks.py"), "--data.images", str(manifest), "--out_dir",
-               str(out_dir), "--data.image_size", str(size), *HDM_COMMON, *EfficientNetLite.options(variant), *overrides]
+               str(out_dir), "--data.image_size", str(size), *HDM_COMMON, *EfficientNetLite.options(variant),
+               *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(work / "log.txt", "a") as log:
@@ -364,8 +365,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="compute nothing; tables and figure from the cache")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each HDM run")
     parser.add_argument("--variant", default="lite0",
-                        help="EfficientNet-Lite variant explained (lite0 … lite4; all but lite0 need the `lite` extra); "
-                             "results of a variant other than lite0 go to <results>/<variant>/")
+                        help="EfficientNet-Lite variant explained (lite0 … lite4; all but lite0 need the `lite` "
+                             "extra); results of a variant other than lite0 go to <results>/<variant>/")
     return parser.parse_args()
 
 

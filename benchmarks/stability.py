@@ -99,7 +99,8 @@ def main() -> None:
                         help="runs to make (a finished run folder is reused: its rerun does no work)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every process of every run (default: Lightning's choice)")
-    parser.add_argument("--variant", default="lite0", help="EfficientNet-Lite variant explained (lite2: the `lite` extra)")
+    parser.add_argument("--variant", default="lite0",
+                        help="EfficientNet-Lite variant explained (lite2: the `lite` extra)")
     args, extra = parser.parse_known_args()  # --model.lr=0.05 ... are train_masks.py settings
     from hdm_lightning.models import EfficientNetLite
 
