@@ -1,17 +1,19 @@
 """Presets on the quality/cost frontier: how far is each preset's map from the paper constants'?
 
-Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's top-1
-class through the real command line with ``configs/paper.yaml``, the defaults (``fast``) and
-presets between them; then, per preset: classifier passes per image (the index rows' ``passes``:
-masked images sent through the classifier), the preset's wall seconds over the photos, start-up
-included (images share the pool, so an index row's own ``seconds`` is its time in flight, not its
-cost), deletion and insertion AUC (RISE protocol, ``hdm_lightning.evaluate``) and the Pearson
-correlation of each map with the ``paper`` map of the same photo. ``paper`` costs about 55 000 passes
-an image a stage, so on a CPU run it at a small input size (``--size 64``) and one stage
-(``--schedule.stages=1``), and say so. Finished run folders are reused (the run folder is the truth).
+Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's (or
+``--variant``'s; its runs go to ``<out>/<variant>/``) top-1 class through the real command line with
+``configs/paper.yaml``, the defaults (``fast``) and presets between them; then, per preset:
+classifier passes per image (the index rows' ``passes``: masked images sent through the classifier),
+the preset's wall seconds over the photos, start-up included (images share the pool, so an index
+row's own ``seconds`` is its time in flight, not its cost), deletion and insertion AUC (RISE
+protocol, ``hdm_lightning.evaluate``) and the Pearson correlation of each map with the ``paper`` map
+of the same photo. ``paper`` costs about 55 000 passes an image a stage, so on a CPU run it at a
+small input size (``--size 64``) and one stage (``--schedule.stages=1``), and say so. Finished run
+folders are reused (the run folder is the truth).
 
 Usage:
-    python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2] [--schedule.stages=1 ...]
+    python benchmarks/presets.py --size 64 --photos 6 [--out runs/presets] [--threads 2] [--variant lite2]
+                                 [--schedule.stages=1 ...]
 
 Settings after the script's own (``--schedule.stages=1``) go to every preset's run; give such a
 comparison its own ``--out``.
@@ -79,24 +81,31 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=6, help="how many of the photos (first N)")
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", default="lite0",
+                        help="EfficientNet-Lite variant explained (lite2: the `lite` extra)")
     args, extra = parser.parse_known_args()  # --schedule.stages=1 ...: settings of every preset's run
+    from hdm_lightning.models import EfficientNetLite
+
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    out = args.out / f"size{args.size}"
+    classifier = EfficientNetLite.options(args.variant)
+    out = args.out / ("" if args.variant == "lite0" else args.variant) / f"size{args.size}"
     out.mkdir(parents=True, exist_ok=True)
     listing = out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
     presets = ["paper", *[p for p in args.presets if p != "paper"]]
-    seconds = {p: run_preset(p, out, listing, args.size, args.photos, extra) for p in presets}
+    seconds = {p: run_preset(p, out, listing, args.size, args.photos, [*classifier, *extra]) for p in presets}
     folders = [str(folder_of(out, p)) for p in presets]
-    subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, f"--data.images={listing}",
-                    f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
+    subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, *classifier,
+                    f"--data.images={listing}", f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
                     "--insertion.num_steps=32", f"--out_dir={out / 'eval'}"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
     with open(out / "eval" / "results.csv", newline="") as handle:
         scores = {row["method"]: {k: float(v) for k, v in row.items() if k != "method"} for row in csv.DictReader(handle)}
     paper = rows(folder_of(out, "paper"))
-    lines = [f"Presets at {args.size} px on {args.photos} photos, EfficientNet-Lite0, "
-             f"`python benchmarks/presets.py --size {args.size} --photos {args.photos}{''.join(' ' + e for e in extra)}`", "",
+    variant = ["--variant", args.variant] if classifier else []
+    command = ["--size", str(args.size), "--photos", str(args.photos), *variant, *extra]
+    lines = [f"Presets at {args.size} px on {args.photos} photos, EfficientNet-{args.variant.capitalize()}, "
+             f"`python benchmarks/presets.py {' '.join(command)}`", "",
              "| preset | passes per image | wall seconds per image | deletion AUC | insertion AUC | correlation with paper (mean, min) |",
              "|---|---|---|---|---|---|"]
     for preset in presets:
