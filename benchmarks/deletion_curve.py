@@ -1,8 +1,9 @@
 """The deletion curve of one photo under several runs' maps: where one map's ranking loses the class sooner.
 
 Prints ``p(class)`` at every step of the RISE deletion (pixels set to the mean colour, most important
-first; ``--steps`` intervals) and the AUC, one line per run folder. The class is the classifier's
-top-1 on the photo (what the benchmarks explain).
+first; ``--steps`` intervals) and the AUC, one line per run folder, for the class that run explained
+(its ``index.jsonl`` row). The photo is read as the default ``data.resize`` (squash) reads it, as in
+the photo benchmarks; ``--size`` and ``--variant`` must be the runs'.
 
 Usage:
     python benchmarks/deletion_curve.py skimage:coffee --variant lite2 --size 260 \\
@@ -12,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -40,13 +42,15 @@ def main() -> None:
         data.setup()
         image, name = data.batch([0])["images"], data.records[0].name
     classifier = freeze(EfficientNetLite(args.variant))
-    target = classifier(image).argmax(dim=1)
-    print(f"{name}: p(class {int(target)}) at 0 … 100 % of the pixels removed, {args.steps} steps")
+    print(f"{name}: p(class) at 0 … 100 % of the pixels removed, {args.steps} steps")
     for run in args.runs:
+        rows = [json.loads(line) for line in (run / "index.jsonl").read_text().splitlines() if line.strip()]
+        target = torch.tensor([next(r["target"] for r in rows if r["name"] == name)])
         saliency = torch.from_numpy(np.load(run / "maps" / f"{name}.npy")).float()[None, None]
         saliency = F.interpolate(saliency, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         curve = MF.deletion_curve(classifier, image, saliency, target, args.steps, args.steps + 1)
-        print(f"{run}: AUC {float(MF.curve_auc(curve)[0]):.3f} |", " ".join(f"{p:.2f}" for p in curve[0].tolist()))
+        points = " ".join(f"{p:.2f}" for p in curve[0].tolist())
+        print(f"{run} (class {int(target)}): AUC {float(MF.curve_auc(curve)[0]):.3f} | {points}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ and, for the two instances, whether both are covered.
 
 Baselines run in this process through ``hdm_lightning.baselines``; HDM variants through the
 project's command line (``train_masks.py``), one run folder per target. Every (method, target)
-result is cached under ``<results>/size<S>/<method>/`` (map ``.npy``, scores ``.json`` written
+result is cached under ``<results>/[<variant>/]size<S>/<method>/`` (map ``.npy``, scores ``.json`` written
 last), so a rerun computes only what is missing; a cached result made with other settings is an
 error, not silently reused (``--redo`` recomputes). Writes ``summary.md`` and ``maps.png`` there.
 
@@ -145,6 +145,9 @@ def cached(folder: Path, target: Target, config: dict) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
+    if result["target"]["target"] != target.target:
+        raise ValueError(f"{path} explains class {result['target']['target']}, this scene's target is class "
+                         f"{target.target}: another classifier's results? (--variant keeps them apart)")
     if result["config"] != config:
         raise ValueError(f"{path} was computed with config {result['config']}, now {config}: "
                          "rerun with --redo for this method, or give the new settings another name")

@@ -8,11 +8,10 @@ the source run's), which ``hdm_lightning.evaluate`` scores like any run. Rules:
 - ``anchored``: stage 1 at weight 1, each later stage at its ``w_t`` (``EvidenceFusion()``, the default);
 - ``sum``: the reference's plain normalised sum; ``stage1``: stage 1 alone.
 
-The evidence weights are scored here with the removals onto the mean colour, ``x ⊙ (1 − C_t)``, as
-the stages' own inputs remove what the earlier stages found (the paper's removal) and as the
-deletion AUC removes: for a run with the mean-colour substrate (``--model.substrate mean``) these are
-its own weights; for a run on the blur they are what the fusion would weigh if it removed to the
-mean colour too. The logit score; ``model.removal_threshold`` is read from the run's ``config.yaml``;
+The evidence weights are scored here with the removals onto the mean colour (the masks' substrate
+under ``--model.substrate mean``, and what the deletion AUC removes to): for a run on the mean
+colour these are its own weights; for a run on the blur they are what the fusion would weigh if its
+removals showed the mean colour instead. The logit score, whatever ``model.score`` the run kept; ``model.removal_threshold`` is read from the run's ``config.yaml``;
 ``--variant`` names the EfficientNet-Lite the run explained.
 
     python benchmarks/refuse.py runs/photos7_last/HDM_last --out runs/refuse/photos7 [--rules anchored sum]

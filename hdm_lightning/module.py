@@ -179,7 +179,8 @@ class MaskExplainer(LightningModule):
             AUC starts from); 1 is the mean colour (what the deletion AUC removes to). Between, a mask
             must keep both the detail the blur removes and the colour the fade removes.
         blur_keeps: under ``substrate: auto``, the share of the class's evidence over the mean colour
-            (``f_c(x) − f_c(mean)``) that the blurred image may keep before the mean colour is used.
+            (``f_c(x) − f_c(mean)``) that the blurred image (faded by ``blur_fade``: the substrate the
+            masks would get) may keep before the mean colour is used.
         target_policy: class explained by later stages; None means :class:`KeepTarget`.
         fusion: how stage maps are fused; None means :class:`EvidenceFusion` (stage 1 whole, each
             later stage weighted by the evidence its regions add); :class:`SumFusion` is the

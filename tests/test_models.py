@@ -75,6 +75,8 @@ def test_efficientnet_lite2_from_its_package_sees_the_cat(tmp_path):
     cli = HDMCLI(MaskExplainer, ExplanationDataModule, run=False, save_config_callback=None,
                  args=[*EfficientNetLite.options("lite2"), "--data.images", str(tmp_path / "photos.txt"),
                        "--data.image_size", "260", "--out_dir", str(tmp_path / "run"), "--trainer.logger", "false"])
+    assert cli.config.model.classifier.init_args.variant == "lite2"
+    assert len(cli.model.classifier.net._blocks) == 21  # Lite2's MBConv blocks (Lite0 has 16)
     cli.datamodule.setup()
     logits = cli.model.classifier(cli.datamodule.batch([0])["images"])
     assert imagenet_categories()[logits.argmax()] == "Egyptian cat"

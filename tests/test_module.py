@@ -263,8 +263,9 @@ def test_blur_fade_moves_the_substrate_from_the_blur_to_the_mean_colour(fade):
     """``blur_fade``: the blur scaled towards 0 (the mean colour in normalised space); 1 is ``mean``."""
     image = torch.randn(1, 3, 40, 40) + 1.0
     blurred = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF).make_substrate(image)
-    faded = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, blur_fade=fade).make_substrate(image)
-    torch.testing.assert_close(faded, (1 - fade) * blurred)
+    fading = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, blur_fade=fade)
+    torch.testing.assert_close(fading.make_substrate(image), (1 - fade) * blurred)
+    assert fading.make_substrate(image, "mean").abs().max() == 0  # the mean colour is not faded
 
 
 @pytest.mark.parametrize("sigma, chosen", [(10.0, "blur"), (0.5, "mean")])
