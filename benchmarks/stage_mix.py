@@ -2,8 +2,8 @@
 
 The evidence-weighted fusion writes ``F = minmax(S_1 + w_2 S_2 + w_3 S_3)``; the weights are not
 stored, so they are recovered from ``F`` and the stage maps by least squares (``S_1 = a F − w_2 S_2
-− w_3 S_3 + b``): unlike ``benchmarks/refuse.py``, which recomputes them with the classifier on the
-mean-colour substrate only, this reads any run. Variants written and scored with
+− w_3 S_3 + b``): unlike ``benchmarks/refuse.py``, which recomputes them with the classifier and removals
+onto the mean colour, these are the weights the run itself used, whatever its substrate. Variants written and scored with
 ``hdm_lightning.evaluate``:
 
 - ``recon``: the weights recovered, refused (checks the recovery: must score as the run);
