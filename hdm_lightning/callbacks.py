@@ -220,6 +220,8 @@ class HDMSchedule(Callback):
             state.stage += 1
             pl_module.begin_stage(state)
             state.pending = first_items(pl_module.chains, state.key, state.stage)
+        elif pl_module.next_pass(state):  # ``substrate: both``: the stages again on the other substrate
+            state.pending = first_items(pl_module.chains, state.key, 0)
         else:
             self.finish(trainer, pl_module, state)
 
@@ -234,8 +236,8 @@ class HDMSchedule(Callback):
             "class_name": names[state.target] if names and state.target < len(names) else str(state.target),
             "logit": float(state.logit),
             "masked_logit": float(fused["masked_logit"]),
-            "stages": len(state.stage_maps),
-            "substrate": state.substrate or pl_module.hparams.substrate,  # what its masks removed to
+            "stages": len(fused["stage_maps"]),
+            "substrate": "+".join([*state.pass_substrates, state.substrate or pl_module.hparams.substrate]),
             "steps": state.steps,
             "passes": state.steps * pl_module.passes_per_step,  # classifier passes of its items
             "seconds": round(time.perf_counter() - self.started.pop(state.key), 3),

@@ -56,8 +56,12 @@ class ImageState:
     stage_target: int = -1  # class of the current stage (target policy)
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
     floor: Tensor | None = None  # what a drop is measured from (``evidence_scale``), 0-d
-    empty: Tensor | None = None  # f_c of the stage's substrate alone (everything removed), 0-d
+    empty: Tensor | None = None  # f_c with everything removed (to the deletion term's base), 0-d
     substrate: str = ""  # what a mask value of 0 shows for this image (``blur``, ``mean``); "": ``model.substrate``
+    later_substrates: list[str] = field(default_factory=list)  # ``substrate: both``: the passes still to run
+    pass_substrates: list[str] = field(default_factory=list)  # the substrates of the finished passes
+    pass_maps: list[Tensor] = field(default_factory=list)  # their fused maps, (H, W) each
+    pass_stage_maps: list[Tensor] = field(default_factory=list)  # their stage maps, (t, H, W) each
     evidence: Tensor | None = None  # stage 1's f_c(x) − f_c(x_0), 0-d
     later_evidence: Tensor | None = None  # the same in the later stages' score (``later_score``), 0-d
     stage_maps: list[Tensor] = field(default_factory=list)  # S_1 … S_t, (H, W) each
@@ -115,6 +119,9 @@ class MaskExplainer(LightningModule):
             stage input with the mask's kept regions removed (not in the paper, 0 leaves it out). It
             costs a second classifier pass per item and step; it keeps a mask from holding the score
             with regions that are not the class's evidence (issue 7, mosaics).
+        deletion_substrate: what the deletion term removes the kept regions to: ``same`` (the masks'
+            substrate) or ``mean`` (the mean colour, what the deletion AUC removes to). Under the blur
+            a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -172,7 +179,11 @@ class MaskExplainer(LightningModule):
             classifier knows (a spotlight, abacus beads) and keep a class's score with an artefact; a
             blur keeps the image's colours and layout without its detail (issue 7), but where the
             class survives the blur (a bright blob, a texture at a large input size) the masks have
-            no evidence to keep and the map is noise.
+            no evidence to keep and the map is noise. ``both`` runs every stage twice, once on
+            ``auto``'s choice and once on the mean colour, and the map is the mean of the two maps:
+            each substrate finds evidence the other misses (the blur the detail, the mean colour
+            the colours and shapes), and their mean ranks the pixels better for deletion and
+            insertion than either alone (README, "Both substrates"); it costs twice the passes.
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         blur_fade: how far the ``blur`` substrate is faded towards the mean colour, in ``[0, 1]``:
             ``(1 − fade) · blur`` in normalised space. 0 keeps the blur's colours (what the insertion
@@ -209,6 +220,7 @@ class MaskExplainer(LightningModule):
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
         deletion_weight: float = 0.0,
+        deletion_substrate: Literal["same", "mean"] = "same",
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -223,7 +235,7 @@ class MaskExplainer(LightningModule):
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
-        substrate: Literal["mean", "blur", "auto"] = "auto",
+        substrate: Literal["mean", "blur", "auto", "both"] = "auto",
         blur_sigma: float = 10.0,
         blur_keeps: float = 0.5,
         blur_fade: float = 0.0,
@@ -245,6 +257,8 @@ class MaskExplainer(LightningModule):
         if min(sparsity_weight, smoothness_weight, deletion_weight) < 0:
             raise ValueError(f"model.sparsity_weight, model.smoothness_weight and model.deletion_weight must be "
                              f">= 0, got {sparsity_weight}, {smoothness_weight}, {deletion_weight}")
+        if deletion_substrate not in ("same", "mean"):
+            raise ValueError(f"model.deletion_substrate must be 'same' or 'mean', got {deletion_substrate!r}")
         if blur_sigma <= 0:
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
@@ -267,8 +281,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.level_maps must be 'all' or 'last', got {level_maps!r}")
         if not 0 < removal_threshold <= 1:
             raise ValueError(f"model.removal_threshold must be in (0, 1], got {removal_threshold}")
-        if substrate not in ("mean", "blur", "auto"):
-            raise ValueError(f"model.substrate must be 'mean', 'blur' or 'auto', got {substrate!r}")
+        if substrate not in ("mean", "blur", "auto", "both"):
+            raise ValueError(f"model.substrate must be 'mean', 'blur', 'auto' or 'both', got {substrate!r}")
         if not 0 < blur_keeps <= 1:
             raise ValueError(f"model.blur_keeps must be in (0, 1], got {blur_keeps}")
         if not 0 <= blur_fade <= 1:
@@ -330,7 +344,7 @@ class MaskExplainer(LightningModule):
         left = None
         if self.hparams.deletion_weight:  # a second pass: the batch shape stays that of the first
             with torch.autocast(self.device.type, enabled=False):
-                removed = M.apply_mask(self.stage_input[images], 1 - kept, self.substrate[images])
+                removed = M.apply_mask(self.stage_input[images], 1 - kept, self.deletion_base(images))
             left = self.target_logit(removed, self.target[images], kind)
         return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images, left)
 
@@ -364,6 +378,15 @@ class MaskExplainer(LightningModule):
             rate = partial(cosine_lr, horizon=self.hparams.lr_horizon, hold=self.hparams.lr_hold)
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
                         eps=self.adam_eps)
+
+    @property
+    def deletes_to_mean(self) -> bool:
+        """Whether the deletion term removes to the mean colour rather than the masks' substrate."""
+        return bool(self.hparams.deletion_weight) and self.hparams.deletion_substrate == "mean"
+
+    def deletion_base(self, images: Tensor) -> Tensor:
+        """What the deletion term's removed regions show, one row per item ``(k, C, H, W)``."""
+        return torch.zeros_like(self.substrate[images]) if self.deletes_to_mean else self.substrate[images]
 
     @property
     def passes_per_step(self) -> int:
@@ -479,14 +502,16 @@ class MaskExplainer(LightningModule):
         score = M.class_score(logits[None], targets, self.hparams.score)[0]
         later = M.class_score(logits[None], targets, self.score_of(1))[0]
         substrate = self.choose_substrate(image, score, targets)
-        return ImageState(key, name, path, slot, image, target, score, later_logit=later, substrate=substrate)
+        later_substrates = ["mean"] if self.hparams.substrate == "both" and substrate != "mean" else []
+        return ImageState(key, name, path, slot, image, target, score, later_logit=later, substrate=substrate,
+                          later_substrates=later_substrates)
 
     @torch.no_grad()
     def choose_substrate(self, image: Tensor, score: Tensor, target: Tensor) -> str:
         """The image's substrate: ``model.substrate``, or under ``auto`` the blur unless the blurred
         image keeps more than ``blur_keeps`` of the class's evidence over the mean colour (issue 7: at
         448 px a spotlight and a thimble kept their whole logit under the blur)."""
-        if self.hparams.substrate != "auto":
+        if self.hparams.substrate not in ("auto", "both"):
             return self.hparams.substrate
         candidates = torch.stack([self.make_substrate(image[None], "blur")[0], torch.zeros_like(image)])
         blurred, mean = M.class_score(self.classifier(candidates).float(), target.expand(2), self.hparams.score)
@@ -497,12 +522,13 @@ class MaskExplainer(LightningModule):
         """Stage ``state.stage``: its target, ``f_c(x^(t))``, the floor, and its row; no item yet."""
         stage_input = self.stage_input_of(state)
         substrate = self.make_substrate(stage_input[None], state.substrate)[0]
-        logits = self.classifier(torch.stack([stage_input, substrate])).float()  # (2, K)
+        rows = [stage_input, substrate] + ([torch.zeros_like(stage_input)] if self.deletes_to_mean else [])
+        logits = self.classifier(torch.stack(rows)).float()  # (2, K), (3, K) with the mean colour
         original = torch.tensor([state.target], device=self.device)
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)
         state.stage_target = int(target[0])
-        state.reference, state.floor = M.class_score(logits, target.expand(2), self.score_of(state.stage))
-        state.empty = state.floor
+        scores = M.class_score(logits, target.expand(len(rows)), self.score_of(state.stage))
+        state.reference, state.floor, state.empty = scores[0], scores[1], scores[-1]
         if state.stage == 0:
             state.evidence = state.reference - state.floor
             later = M.class_score(logits, target.expand(2), self.score_of(1))
@@ -572,22 +598,49 @@ class MaskExplainer(LightningModule):
 
         The fusion gets the stages the image ran, ``(t, 1, H, W)`` (fewer than ``T`` where the
         stopping rule stopped it), and scores the evidence of the stages in the later stages' score
-        (``later_score``: the score their masks kept); the masked logit is in ``score``.
+        (``later_score``: the score their masks kept); the masked logit is in ``score``, on the
+        last pass's substrate. Under ``substrate: both`` the map is the min-max of the mean of the
+        passes' maps, and stage ``t``'s map the mean of the passes' stage ``t`` maps.
         """
+        fused = self.fuse_pass(state)
+        if state.pass_maps:
+            fused = M.minmax(torch.stack([*state.pass_maps, fused])[None].mean(dim=1))[0]
+            stage_maps = [*state.pass_stage_maps, torch.stack(state.stage_maps)]
+            depth = max(len(s) for s in stage_maps)
+            stages = torch.stack([torch.stack([s[t] for s in stage_maps if len(s) > t]).mean(dim=0)
+                                  for t in range(depth)])
+        else:
+            stages = torch.stack(state.stage_maps)
+        with torch.no_grad():
+            masked_logit = self.pass_score(state, fused[None])[0]
+        return {"map": fused, "stage_maps": stages, "masked_logit": masked_logit}
+
+    def pass_score(self, state: ImageState, kept: Tensor, kind: str | None = None) -> Tensor:
+        """The target's score on the image kept by ``kept`` ``(1, H, W)`` on the current substrate, ``(1,)``."""
         image, target = state.image[None], torch.tensor([state.target], device=self.device)
         substrate = self.make_substrate(image, state.substrate)
+        return self.target_logit(M.apply_mask(image, kept, substrate), target, kind)
+
+    def fuse_pass(self, state: ImageState) -> Tensor:
+        """The fused map of the current pass's stages, ``(H, W)``."""
         stage_maps = torch.stack(state.stage_maps)[:, None]  # (t, 1, H, W)
-
-        def score(kept: Tensor, kind: str | None = None) -> Tensor:
-            return self.target_logit(M.apply_mask(image, kept, substrate), target, kind)
-
         removal = partial(M.removal, threshold=self.hparams.removal_threshold)
         reference = state.logit if state.later_logit is None else state.later_logit
-        later = partial(score, kind=self.score_of(1))
-        fused = self.fusion(stage_maps, later, reference[None], removal).detach()[0]  # (H, W)
-        with torch.no_grad():
-            masked_logit = score(fused[None])[0]
-        return {"map": fused, "stage_maps": stage_maps[:, 0], "masked_logit": masked_logit}
+        later = partial(self.pass_score, state, kind=self.score_of(1))
+        return self.fusion(stage_maps, later, reference[None], removal).detach()[0]
+
+    def next_pass(self, state: ImageState) -> bool:
+        """Under ``substrate: both``, keeps the finished pass's maps and begins the next substrate's first
+        stage on the whole image; False when no pass is left."""
+        if not state.later_substrates:
+            return False
+        state.pass_maps.append(self.fuse_pass(state))
+        state.pass_stage_maps.append(torch.stack(state.stage_maps))
+        state.pass_substrates.append(state.substrate)
+        state.substrate = state.later_substrates.pop(0)
+        state.stage, state.stage_maps, state.references, state.kept = 0, [], [], True
+        self.begin_stage(state)
+        return True
 
     # ---------------------------------------------------------------------- progress
     def progress(self) -> dict[str, Any]:

@@ -57,21 +57,39 @@ def test_log_odds_score_keeps_what_sets_the_class_apart(tmp_path):
     assert share["logit"][0] < 1.5 * share["logit"][1]
 
 
-def test_deletion_term_moves_the_map_from_an_artefact_to_the_evidence(tmp_path):
+@pytest.mark.parametrize("removed_to", ["same", "mean"])
+def test_deletion_term_moves_the_map_from_an_artefact_to_the_evidence(tmp_path, removed_to):
     """Issue 7: a decoy square keeps class 1's logit once the mask hides its neighbour, but removing
     it takes little from the class. Keeping the score alone puts most of the map on the decoy; with
-    the deletion term (the image without the kept regions must lose the evidence), on ``SPOT``."""
+    the deletion term (the image without the kept regions must lose the evidence), on ``SPOT``,
+    whether the kept regions are removed to the masks' substrate or to the mean colour."""
     (tmp_path / "images").mkdir()
     decoy_images(tmp_path / "images")
     share = {}
     for weight in (0.0, 1.0):
         run = explain(tmp_path / "images", tmp_path / f"deletion{weight}", classifier=DecoyClassifier(),
-                      module={"deletion_weight": weight})
+                      module={"deletion_weight": weight, "deletion_substrate": removed_to})
         (saliency,) = maps(run).values()
         share[weight] = saliency[SPOT].sum() / saliency.sum(), saliency[DECOY].sum() / saliency.sum()
     # measured (SPOT, DECOY): (0.19, 0.33) without the term, (0.27, 0.18) with it
     assert share[0.0][1] > 1.3 * share[0.0][0]
     assert share[1.0][0] > 1.3 * share[1.0][1]
+
+
+def test_deletion_to_the_mean_colour_measures_from_the_mean_colour_image(images):
+    """``deletion_substrate: mean``: the removed regions show 0 in normalised space whatever the
+    masks' substrate, and the deletion term's empty score is the class's on the mean-colour image."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, substrate="blur", deletion_weight=1.0,
+                          deletion_substrate="mean")
+    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
+    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
+    model.image_rows(1, tuple(image.shape))
+    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
+    model.begin_stage(state)
+    assert model.substrate[0].abs().max() > 0.1  # the masks keep the blur
+    assert model.deletion_base(torch.tensor([0])).abs().max() == 0
+    torch.testing.assert_close(state.empty, model.classifier(torch.zeros(1, *image.shape))[0, 1])
+    assert state.floor != state.empty  # the blur's score is not the mean colour's
 
 
 def test_classifier_is_frozen_and_unchanged(images, tmp_path):
@@ -283,6 +301,35 @@ def test_auto_substrate_falls_back_to_the_mean_colour_where_the_blur_keeps_the_c
     assert fixed.choose_substrate(image, score, torch.tensor([1])) == "blur"
 
 
+def test_both_substrates_give_the_mean_of_the_blur_and_mean_colour_maps(images, tmp_path):
+    """``substrate: both`` runs the stages once on the blur (``auto``'s choice here) and once on the mean
+    colour; its map is the min-max of the mean of the two runs' maps, bitwise on the CPU, at the
+    passes of both."""
+    runs = {kind: explain(images, tmp_path / kind, module={"substrate": kind}) for kind in ("blur", "mean", "both")}
+    found = {kind: maps(run) for kind, run in runs.items()}
+    for name, saliency in found["both"].items():
+        expected = (found["blur"][name] + found["mean"][name]) / 2
+        expected = (expected - expected.min()) / (expected.max() - expected.min())
+        np.testing.assert_allclose(saliency, expected, atol=1e-6)
+        assert np.abs(found["blur"][name] - found["mean"][name]).max() > 0.02  # measured 0.027: two maps
+    rows = {kind: run.read_index() for kind, run in runs.items()}
+    for name, row in rows["both"].items():
+        assert row["substrate"] == "blur+mean"
+        assert row["passes"] == rows["blur"][name]["passes"] + rows["mean"][name]["passes"]
+        stages = np.stack([np.load(tmp_path / kind / "stages" / f"{name}_stage1.npy") for kind in ("blur", "mean")])
+        np.testing.assert_allclose(np.load(tmp_path / "both" / "stages" / f"{name}_stage1.npy"), stages.mean(0),
+                                   atol=1e-6)
+
+
+def test_both_substrates_run_once_where_auto_chooses_the_mean_colour(images, tmp_path):
+    """Where the blur keeps the class (a 0.5-px blur of the 32-px toy), ``both`` has one substrate left."""
+    both = explain(images, tmp_path / "both", module={"substrate": "both", "blur_sigma": 0.5})
+    mean = explain(images, tmp_path / "mean", module={"substrate": "mean"})
+    for name, saliency in maps(both).items():
+        np.testing.assert_array_equal(saliency, maps(mean)[name])
+        assert both.read_index()[name]["substrate"] == "mean"
+
+
 def test_bad_settings_name_the_setting():
     with pytest.raises(ValueError, match="model.lr"):
         build("unused", "unused", module={"lr": 0})
@@ -292,6 +339,8 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"sparsity_weight": -1})
     with pytest.raises(ValueError, match="model.blur_fade"):
         build("unused", "unused", module={"blur_fade": 1.5})
+    with pytest.raises(ValueError, match="model.deletion_substrate"):
+        build("unused", "unused", module={"deletion_substrate": "blur"})
     with pytest.raises(ValueError, match="schedule.patience"):
         build("unused", "unused", schedule={"min_delta": 1.5})
 

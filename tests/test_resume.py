@@ -89,6 +89,29 @@ def test_resumed_run_equals_uninterrupted_run(images, tmp_path, stop_at):
     assert done_before == {name for name, at in finished.at.items() if at <= stop_at}
 
 
+def test_a_run_on_both_substrates_resumed_in_its_second_pass_equals_an_uninterrupted_one(images, tmp_path):
+    """``substrate: both``: killed while the first image runs its stages on the mean colour (the first
+    pass's maps only in the checkpoint), the resumed run writes the uninterrupted run's maps."""
+    both = {"substrate": "both"}
+    finished = Finished(tmp_path / "whole")
+    expected = maps(explain(images, tmp_path / "whole", batch_size=2, module=both, callbacks=[finished]))
+    stop_at = 3 * min(finished.at.values()) // 4  # the first image is in its second pass: 2 × 2 stages
+    out = tmp_path / "cut"
+    saver = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=stop_at, save_top_k=0, save_last=True)
+    model, data, trainer = build(images, out, batch_size=2, module=both, trainer={"enable_checkpointing": True},
+                                 callbacks=[saver, Kill(stop_at)])
+    with pytest.raises(Killed):
+        trainer.fit(model, datamodule=data)
+    schedule = next(c for c in trainer.callbacks if isinstance(c, HDMSchedule))
+    assert [len(s.pass_maps) for s in schedule.images.values()] == [1, 1]  # both images in their second pass
+    model, data, trainer = build(images, out, batch_size=2, module=both)
+    trainer.fit(model, datamodule=data, ckpt_path=out / "checkpoints" / "last.ckpt")
+    resumed = maps(RunFolder(out))
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name])
+
+
 def test_schedule_state_round_trips_through_a_checkpoint(images, tmp_path):
     model, data, trainer = build(images, tmp_path / "run", trainer={"max_steps": 13})
     trainer.fit(model, datamodule=data)
