@@ -117,8 +117,9 @@ class MaskExplainer(LightningModule):
         sparsity_weight: ``λ_1`` of the mask-value term.
         deletion_weight: ``λ_d`` of :func:`~hdm_lightning.masks.deletion_loss`: the evidence left in the
             stage input with the mask's kept regions removed (not in the paper, 0 leaves it out). It
-            costs a second classifier pass per item and step; it keeps a mask from holding the score
-            with regions that are not the class's evidence (issue 7, mosaics).
+            costs a second classifier pass per item and step; it asks the kept regions to be evidence
+            the class needs, not only evidence that suffices (issue 7: on the blur a mask kept a cup's
+            rim, enough for "espresso", while removing the rim left the class). ``configs/deletion.yaml``.
         deletion_substrate: what the deletion term removes the kept regions to: ``same`` (the masks'
             substrate) or ``mean`` (the mean colour, what the deletion AUC removes to). Under the blur
             a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
@@ -531,7 +532,7 @@ class MaskExplainer(LightningModule):
         state.reference, state.floor, state.empty = scores[0], scores[1], scores[-1]
         if state.stage == 0:
             state.evidence = state.reference - state.floor
-            later = M.class_score(logits, target.expand(2), self.score_of(1))
+            later = M.class_score(logits[:2], target.expand(2), self.score_of(1))
             state.later_evidence = later[0] - later[1]  # the same evidence in the later stages' score
         elif self.hparams.evidence_scale == "image":  # the drop is then a share of stage 1's evidence
             state.floor = state.reference - (state.evidence if state.later_evidence is None else state.later_evidence)

@@ -27,17 +27,22 @@ def spot_mass(saliency: np.ndarray) -> float:
     return float(saliency[SPOT].sum() / saliency.sum())
 
 
-@pytest.mark.parametrize("smoothness, least", [(None, 0.3), (0.0, 0.5)])
-def test_map_lands_on_the_deciding_square(images, tmp_path, smoothness, least):
-    module = {} if smoothness is None else {"smoothness_weight": smoothness}
+# measured spot mass (two images): 0.44 / 0.44 at the defaults, whose smoothness term spreads the 3×3
+# and 4×4 masks of this 32-px toy over the square's neighbours; 0.70 / 0.70 without it. With the deletion
+# term removing to the mean colour (configs/deletion.yaml) 0.30 / 0.31 (0.46 / 0.48 without smoothness):
+# the mean colour is brighter than all of the background that the classifier counts against the class,
+# so keeping background regions also meets the term (before the blur substrate and relative_eps 0.5:
+# 0.37 / 0.65; 0.31 with every level map, level_maps all).
+DELETION = {"deletion_weight": 2.0, "deletion_substrate": "mean"}
+
+
+@pytest.mark.parametrize("module, least", [({}, 0.3), ({"smoothness_weight": 0.0}, 0.5), (DELETION, 0.25),
+                                           ({**DELETION, "smoothness_weight": 0.0}, 0.4)])
+def test_map_lands_on_the_deciding_square(images, tmp_path, module, least):
     run = explain(images, tmp_path / "run", module=module)
     spot_area = 64 / 32**2  # 6 % of the image
     for name, saliency in maps(run).items():
         assert saliency.shape == (32, 32) and saliency.dtype == np.float32
-        # measured on a 6 % area: 0.44 and 0.44 at the defaults (blur substrate, relative_eps 0.5), whose
-        # smoothness term spreads the 3×3 and 4×4 masks of this 32-px toy over the square's neighbours;
-        # 0.70 and 0.70 without it (with the mean substrate 0.43 / 0.70; before relative_eps 0.5, 0.37 /
-        # 0.65; 0.31 with every level map, level_maps all)
         assert spot_mass(saliency) > least, name
         assert spot_mass(saliency) > 4 * spot_area
 
@@ -74,6 +79,14 @@ def test_deletion_term_moves_the_map_from_an_artefact_to_the_evidence(tmp_path, 
     # measured (SPOT, DECOY): (0.19, 0.33) without the term, (0.27, 0.18) with it
     assert share[0.0][1] > 1.3 * share[0.0][0]
     assert share[1.0][0] > 1.3 * share[1.0][1]
+
+
+def test_deletion_to_the_mean_colour_runs_under_the_log_odds_score(images, tmp_path):
+    """The stage's mean-colour row is scored with the others; the later stages' evidence only from the
+    image and its substrate (a shape mismatch once broke this combination)."""
+    run = explain(images, tmp_path / "run", module={**DELETION, "score": "log_odds"})
+    assert sorted(maps(run)) == ["spot0", "spot1"]
+    assert all(row["passes"] == 2 * row["steps"] for row in run.read_index().values())
 
 
 def test_deletion_to_the_mean_colour_measures_from_the_mean_colour_image(images):
@@ -130,7 +143,8 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         images, tmp_path, fixed_batch):
     """``model.fixed_batch``: every masked batch is padded to ``chunk_size`` rows, so the kernels and an
     item's arithmetic do not depend on the other items (issue 7, stability); only the passes of one
-    image (its logits, its stage's reference and substrate) have 1 or 2 rows. Without it the batches
+    image (its logits, its stage's reference and substrate; and the mean colour under the deletion term's
+    ``mean``) have 1 to 3 rows. Without it the batches
     follow the items in flight. The maps agree bitwise either way here (this classifier's arithmetic does
     not depend on the batch shape); EfficientNet-Lite0's does (``benchmarks/stability.py``)."""
     module = {"fixed_batch": fixed_batch, "chunk_size": 8}
@@ -139,7 +153,8 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         recorder = BatchRecorder()
         runs[batch_size] = maps(explain(images, tmp_path / f"batch{batch_size}", batch_size=batch_size,
                                         classifier=recorder, module=module))
-        shapes = set(recorder.rows) - {1, 2}  # passes of one image: its logits, its stage reference
+        shapes = set(recorder.rows) - {1, 2, 3}  # passes of one image: its logits, its stage's reference,
+        # substrate and (for the deletion term) mean colour
         assert shapes == {8} if fixed_batch else len(shapes - {8}) > 0
     for name in runs[1]:
         np.testing.assert_array_equal(runs[1][name], runs[2][name])
