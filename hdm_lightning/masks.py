@@ -198,7 +198,9 @@ def deletion_loss(
     as an abacus (issue 7, mosaics). Removing such regions takes nothing from the class, so the
     image without them still holds its evidence and this term stays high; it is low only when
     what the mask keeps is what the class needs (Fong and Vedaldi's preservation and deletion
-    games, played by one mask). ``x_0`` is the substrate alone.
+    games, played by one mask). ``x_0`` is everything removed: the substrate alone, or the mean colour
+    under ``deletion_substrate: mean`` (the share is then of the evidence over the substrate, and can
+    exceed 1 where the substrate keeps less of the class than the mean colour does).
 
     Example:
         >>> deletion_loss(torch.tensor([6., 1.]), torch.tensor([2., 2.]), torch.tensor([8., 8.]), 1.0, 0.5)

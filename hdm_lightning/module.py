@@ -56,9 +56,9 @@ class ImageState:
     stage_target: int = -1  # class of the current stage (target policy)
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
     floor: Tensor | None = None  # what a drop is measured from (``evidence_scale``), 0-d
-    empty: Tensor | None = None  # f_c with everything removed (to the deletion term's base), 0-d
+    empty: Tensor | None = None  # f_c with everything removed to the deletion term's base, 0-d
     substrate: str = ""  # what a mask value of 0 shows for this image (``blur``, ``mean``); "": ``model.substrate``
-    later_substrates: list[str] = field(default_factory=list)  # ``substrate: both``: the passes still to run
+    pending_substrates: list[str] = field(default_factory=list)  # ``substrate: both``: the passes still to run
     pass_substrates: list[str] = field(default_factory=list)  # the substrates of the finished passes
     pass_maps: list[Tensor] = field(default_factory=list)  # their fused maps, (H, W) each
     pass_stage_maps: list[Tensor] = field(default_factory=list)  # their stage maps, (t, H, W) each
@@ -181,10 +181,11 @@ class MaskExplainer(LightningModule):
             blur keeps the image's colours and layout without its detail (issue 7), but where the
             class survives the blur (a bright blob, a texture at a large input size) the masks have
             no evidence to keep and the map is noise. ``both`` runs every stage twice, once on
-            ``auto``'s choice and once on the mean colour, and the map is the mean of the two maps:
-            each substrate finds evidence the other misses (the blur the detail, the mean colour
-            the colours and shapes), and their mean ranks the pixels better for deletion and
-            insertion than either alone (README, "Both substrates"); it costs twice the passes.
+            ``auto``'s choice and once on the mean colour, and the map is the min-max of the mean of
+            the two fused maps (under ``LearnedFusion`` its scale is lost): each substrate finds
+            evidence the other misses (the blur the detail, the mean colour the colours and shapes);
+            on Lite2 their mean ranks the pixels better for deletion than either alone, on Lite0 it
+            does not (docs/experiments.md, "Necessary evidence on Lite2"); twice the passes.
         blur_sigma: standard deviation in pixels of the ``blur`` substrate.
         blur_fade: how far the ``blur`` substrate is faded towards the mean colour, in ``[0, 1]``:
             ``(1 − fade) · blur`` in normalised space. 0 keeps the blur's colours (what the insertion
@@ -321,7 +322,7 @@ class MaskExplainer(LightningModule):
                 the order of ``logit``.
             images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``,
                 ``self.floor[images]`` what a drop is measured from and ``self.empty[images]`` ``f_c``
-                of the stage's substrate alone.
+                with everything removed to the deletion term's base (the substrate, or the mean colour).
             left: ``f_c`` of each item's stage input with the kept regions removed (``deletion_weight``).
         """
         sparsity, smoothness = self.hparams.sparsity_weight, self.hparams.smoothness_weight
@@ -503,15 +504,15 @@ class MaskExplainer(LightningModule):
         score = M.class_score(logits[None], targets, self.hparams.score)[0]
         later = M.class_score(logits[None], targets, self.score_of(1))[0]
         substrate = self.choose_substrate(image, score, targets)
-        later_substrates = ["mean"] if self.hparams.substrate == "both" and substrate != "mean" else []
+        pending_substrates = ["mean"] if self.hparams.substrate == "both" and substrate != "mean" else []
         return ImageState(key, name, path, slot, image, target, score, later_logit=later, substrate=substrate,
-                          later_substrates=later_substrates)
+                          pending_substrates=pending_substrates)
 
     @torch.no_grad()
     def choose_substrate(self, image: Tensor, score: Tensor, target: Tensor) -> str:
-        """The image's substrate: ``model.substrate``, or under ``auto`` the blur unless the blurred
-        image keeps more than ``blur_keeps`` of the class's evidence over the mean colour (issue 7: at
-        448 px a spotlight and a thimble kept their whole logit under the blur)."""
+        """The image's (first) substrate: ``model.substrate``, or under ``auto`` and ``both`` the blur
+        unless the blurred image keeps more than ``blur_keeps`` of the class's evidence over the mean
+        colour (issue 7: at 448 px a spotlight and a thimble kept their whole logit under the blur)."""
         if self.hparams.substrate not in ("auto", "both"):
             return self.hparams.substrate
         candidates = torch.stack([self.make_substrate(image[None], "blur")[0], torch.zeros_like(image)])
@@ -633,13 +634,14 @@ class MaskExplainer(LightningModule):
     def next_pass(self, state: ImageState) -> bool:
         """Under ``substrate: both``, keeps the finished pass's maps and begins the next substrate's first
         stage on the whole image; False when no pass is left."""
-        if not state.later_substrates:
+        if not state.pending_substrates:
             return False
         state.pass_maps.append(self.fuse_pass(state))
         state.pass_stage_maps.append(torch.stack(state.stage_maps))
         state.pass_substrates.append(state.substrate)
-        state.substrate = state.later_substrates.pop(0)
+        state.substrate = state.pending_substrates.pop(0)
         state.stage, state.stage_maps, state.references, state.kept = 0, [], [], True
+        state.final_losses = []  # the index row's final_loss: the last pass's stages
         self.begin_stage(state)
         return True
 

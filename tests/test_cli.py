@@ -113,7 +113,7 @@ def test_imported_classifier_loads_its_checkpoint(tmp_path):
         ImportedClassifier("nowhere.Model")
 
 
-@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "mdm", "demo", "cluster"])
+@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "deletion", "mdm", "demo", "cluster"])
 def test_every_preset_parses(preset, capsys):
     from hdm_lightning.cli import CONFIGS
 

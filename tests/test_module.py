@@ -85,8 +85,9 @@ def test_deletion_to_the_mean_colour_runs_under_the_log_odds_score(images, tmp_p
     """The stage's mean-colour row is scored with the others; the later stages' evidence only from the
     image and its substrate (a shape mismatch once broke this combination)."""
     run = explain(images, tmp_path / "run", module={**DELETION, "score": "log_odds"})
-    assert sorted(maps(run)) == ["spot0", "spot1"]
-    assert all(row["passes"] == 2 * row["steps"] for row in run.read_index().values())
+    without = maps(explain(images, tmp_path / "without", module={"score": "log_odds"}))
+    for name, saliency in maps(run).items():
+        assert np.abs(saliency - without[name]).max() > 0.05  # the term acts under the log-odds too
 
 
 def test_deletion_to_the_mean_colour_measures_from_the_mean_colour_image(images):
@@ -143,8 +144,7 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         images, tmp_path, fixed_batch):
     """``model.fixed_batch``: every masked batch is padded to ``chunk_size`` rows, so the kernels and an
     item's arithmetic do not depend on the other items (issue 7, stability); only the passes of one
-    image (its logits, its stage's reference and substrate; and the mean colour under the deletion term's
-    ``mean``) have 1 to 3 rows. Without it the batches
+    image (its logits, its stage's reference and substrate) have 1 or 2 rows. Without it the batches
     follow the items in flight. The maps agree bitwise either way here (this classifier's arithmetic does
     not depend on the batch shape); EfficientNet-Lite0's does (``benchmarks/stability.py``)."""
     module = {"fixed_batch": fixed_batch, "chunk_size": 8}
@@ -153,8 +153,7 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         recorder = BatchRecorder()
         runs[batch_size] = maps(explain(images, tmp_path / f"batch{batch_size}", batch_size=batch_size,
                                         classifier=recorder, module=module))
-        shapes = set(recorder.rows) - {1, 2, 3}  # passes of one image: its logits, its stage's reference,
-        # substrate and (for the deletion term) mean colour
+        shapes = set(recorder.rows) - {1, 2}  # passes of one image: its logits, its stage reference
         assert shapes == {8} if fixed_batch else len(shapes - {8}) > 0
     for name in runs[1]:
         np.testing.assert_array_equal(runs[1][name], runs[2][name])
@@ -318,7 +317,7 @@ def test_auto_substrate_falls_back_to_the_mean_colour_where_the_blur_keeps_the_c
 
 def test_both_substrates_give_the_mean_of_the_blur_and_mean_colour_maps(images, tmp_path):
     """``substrate: both`` runs the stages once on the blur (``auto``'s choice here) and once on the mean
-    colour; its map is the min-max of the mean of the two runs' maps, bitwise on the CPU, at the
+    colour; its map is the min-max of the mean of the two runs' maps (within 1e-6 on the CPU), at the
     passes of both."""
     runs = {kind: explain(images, tmp_path / kind, module={"substrate": kind}) for kind in ("blur", "mean", "both")}
     found = {kind: maps(run) for kind, run in runs.items()}
