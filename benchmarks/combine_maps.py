@@ -18,14 +18,17 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
+
+from hdm_lightning.masks import minmax as minmax_maps
 
 RULES = {"mean": lambda maps: np.mean(maps, axis=0), "max": lambda maps: np.max(maps, axis=0)}
 
 
 def minmax(saliency: np.ndarray) -> np.ndarray:
-    low, high = saliency.min(), saliency.max()
-    return (saliency - low) / (high - low) if high > low else np.zeros_like(saliency)
+    """``hdm_lightning.masks.minmax`` of one ``(H, W)`` map, in float64."""
+    return minmax_maps(torch.from_numpy(saliency)[None])[0].numpy()
 
 
 def combine(sources: list[Path], name: str, rule: str, sigma: float) -> np.ndarray:

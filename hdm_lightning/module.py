@@ -387,8 +387,9 @@ class MaskExplainer(LightningModule):
         return bool(self.hparams.deletion_weight) and self.hparams.deletion_substrate == "mean"
 
     def deletion_base(self, images: Tensor) -> Tensor:
-        """What the deletion term's removed regions show, one row per item ``(k, C, H, W)``."""
-        return torch.zeros_like(self.substrate[images]) if self.deletes_to_mean else self.substrate[images]
+        """What the deletion term's removed regions show: the items' substrate rows ``(k, C, H, W)``, or
+        the mean colour as a 0-d zero (broadcast, so a step copies and allocates no image rows for it)."""
+        return self.substrate.new_zeros(()) if self.deletes_to_mean else self.substrate[images]
 
     @property
     def passes_per_step(self) -> int:
