@@ -56,7 +56,8 @@ class ImageState:
     stage_target: int = -1  # class of the current stage (target policy)
     reference: Tensor | None = None  # f_c(x^(t)), 0-d
     floor: Tensor | None = None  # what a drop is measured from (``evidence_scale``), 0-d
-    empty: Tensor | None = None  # f_c with everything removed to the deletion term's base, 0-d
+    empty: Tensor | None = None  # the deletion term's score with everything removed to its base, 0-d
+    deletion_scale: Tensor | None = None  # the evidence the deletion term's share is of, 0-d
     substrate: str = ""  # what a mask value of 0 shows for this image (``blur``, ``mean``); "": ``model.substrate``
     pending_substrates: list[str] = field(default_factory=list)  # ``substrate: both``: the passes still to run
     pass_substrates: list[str] = field(default_factory=list)  # the substrates of the finished passes
@@ -123,6 +124,13 @@ class MaskExplainer(LightningModule):
         deletion_substrate: what the deletion term removes the kept regions to: ``same`` (the masks'
             substrate) or ``mean`` (the mean colour, what the deletion AUC removes to). Under the blur
             a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
+        deletion_score: the score the deletion term measures the evidence left in: ``same`` (the
+            stage's score) or ``log_odds`` (:func:`~hdm_lightning.masks.class_score`; monotone in the
+            probability the deletion AUC reads). A logit rises on unrelated content: with the class's
+            tile of a mosaic at the mean colour, the other three tiles keep a spotlight's logit at 4.27
+            against 0.02 on the mean-colour image, so the logit term asks the mask to keep them too;
+            their log-odds stay near the empty image's (−4.85 against −6.89; the bow tie −6.78
+            against −6.88).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -223,6 +231,7 @@ class MaskExplainer(LightningModule):
         sparsity_weight: float = 1.0,
         deletion_weight: float = 0.0,
         deletion_substrate: Literal["same", "mean"] = "same",
+        deletion_score: Literal["same", "log_odds"] = "same",
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -261,6 +270,8 @@ class MaskExplainer(LightningModule):
                              f">= 0, got {sparsity_weight}, {smoothness_weight}, {deletion_weight}")
         if deletion_substrate not in ("same", "mean"):
             raise ValueError(f"model.deletion_substrate must be 'same' or 'mean', got {deletion_substrate!r}")
+        if deletion_score not in ("same", "log_odds"):
+            raise ValueError(f"model.deletion_score must be 'same' or 'log_odds', got {deletion_score!r}")
         if blur_sigma <= 0:
             raise ValueError(f"model.blur_sigma must be > 0, got {blur_sigma}")
         if chunk_size is not None and chunk_size < 1:
@@ -321,9 +332,11 @@ class MaskExplainer(LightningModule):
             trainable: the items' trainable masks ``a_l``, one ``(k_s, s, s)`` tensor per size, in
                 the order of ``logit``.
             images: each item's image row, ``(k,)``: ``self.reference[images]`` is ``f_c(x^(t))``,
-                ``self.floor[images]`` what a drop is measured from and ``self.empty[images]`` ``f_c``
-                with everything removed to the deletion term's base (the substrate, or the mean colour).
-            left: ``f_c`` of each item's stage input with the kept regions removed (``deletion_weight``).
+                ``self.floor[images]`` what a drop is measured from, ``self.empty[images]`` the deletion
+                term's score with everything removed to its base (the substrate, or the mean colour) and
+                ``self.deletion_scale[images]`` the evidence its share is of.
+            left: the deletion term's score of each item's stage input with the kept regions removed
+                (``deletion_weight``).
         """
         sparsity, smoothness = self.hparams.sparsity_weight, self.hparams.smoothness_weight
         mask_terms = torch.cat([M.sparsity_loss(a, sparsity) + (M.smoothness_loss(a, smoothness) if smoothness else 0)
@@ -331,7 +344,7 @@ class MaskExplainer(LightningModule):
         reference, floor = self.reference[images], self.floor[images]
         losses = self.consistency(logit, reference, floor) + mask_terms
         if left is not None:
-            losses = losses + M.deletion_loss(left, self.empty[images], reference - floor,
+            losses = losses + M.deletion_loss(left, self.empty[images], self.deletion_scale[images],
                                               self.hparams.deletion_weight, M.MIN_EVIDENCE)
         return losses
 
@@ -347,7 +360,7 @@ class MaskExplainer(LightningModule):
         if self.hparams.deletion_weight:  # a second pass: the batch shape stays that of the first
             with torch.autocast(self.device.type, enabled=False):
                 removed = M.apply_mask(self.stage_input[images], 1 - kept, self.deletion_base(images))
-            left = self.target_logit(removed, self.target[images], kind)
+            left = self.target_logit(removed, self.target[images], self.deletion_kind or kind)
         return self.item_losses(logit, [self.pool.trainable(group) for group in chunk], images, left)
 
     @override
@@ -385,6 +398,11 @@ class MaskExplainer(LightningModule):
     def deletes_to_mean(self) -> bool:
         """Whether the deletion term removes to the mean colour rather than the masks' substrate."""
         return bool(self.hparams.deletion_weight) and self.hparams.deletion_substrate == "mean"
+
+    @property
+    def deletion_kind(self) -> str | None:
+        """The deletion term's score where it is not the stage's own (``deletion_score``), else None."""
+        return None if self.hparams.deletion_score == "same" else self.hparams.deletion_score
 
     def deletion_base(self, images: Tensor) -> Tensor:
         """What the deletion term's removed regions show: the items' substrate rows ``(k, C, H, W)``, or
@@ -467,7 +485,7 @@ class MaskExplainer(LightningModule):
             self.register_buffer(name, torch.zeros(capacity, *row, device=self.device), persistent=False)
         self.register_buffer("target", torch.zeros(capacity, dtype=torch.long, device=self.device), persistent=False)
         self.register_buffer("log_odds", torch.zeros(capacity, dtype=torch.bool, device=self.device), persistent=False)
-        for name in ("reference", "floor", "empty"):
+        for name in ("reference", "floor", "empty", "deletion_scale"):
             self.register_buffer(name, torch.zeros(capacity, device=self.device), persistent=False)
 
     def stage_input_of(self, state: ImageState) -> Tensor:
@@ -491,6 +509,8 @@ class MaskExplainer(LightningModule):
         self.log_odds[state.slot] = self.score_of(state.stage) == "log_odds"
         self.reference[state.slot], self.floor[state.slot] = state.reference, state.floor
         self.empty[state.slot] = state.floor if state.empty is None else state.empty  # None: an older checkpoint
+        scale = state.reference - state.floor if state.deletion_scale is None else state.deletion_scale
+        self.deletion_scale[state.slot] = scale
 
     # ---------------------------------------------------------------- an image's method steps
     @torch.no_grad()
@@ -538,6 +558,13 @@ class MaskExplainer(LightningModule):
             state.later_evidence = later[0] - later[1]  # the same evidence in the later stages' score
         elif self.hparams.evidence_scale == "image":  # the drop is then a share of stage 1's evidence
             state.floor = state.reference - (state.evidence if state.later_evidence is None else state.later_evidence)
+        if self.deletion_kind is None:
+            state.deletion_scale = state.reference - state.floor
+        else:  # the deletion term's own score; later stages under ``evidence_scale image`` keep stage 1's scale
+            scores = M.class_score(logits, target.expand(len(rows)), self.deletion_kind)
+            state.empty = scores[-1]
+            if state.stage == 0 or self.hparams.evidence_scale != "image":
+                state.deletion_scale = scores[0] - scores[-1]
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
         self.load_stage(state, stage_input, substrate)

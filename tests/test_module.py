@@ -11,8 +11,8 @@ from hdm_lightning.targets import KeepTarget, Repredict
 from hdm_lightning.pool import Item, first_items, successors
 from hdm_lightning.module import MaskExplainer
 from tests.helpers.run import HALF, SMALL_MASKS, build, explain, maps
-from tests.helpers.tiny import (DECOY, SHARED, SIZE, SPOT, DecoyClassifier, SharedSpotClassifier, SpotClassifier,
-                                decoy_images, shared_spot_images, spot_images)
+from tests.helpers.tiny import (DECOY, SHARED, SIZE, SPOT, DecoyClassifier, GenericSpotClassifier, SharedSpotClassifier,
+                                SpotClassifier, decoy_images, shared_spot_images, spot_images)
 
 
 @pytest.fixture
@@ -79,6 +79,43 @@ def test_deletion_term_moves_the_map_from_an_artefact_to_the_evidence(tmp_path, 
     # measured (SPOT, DECOY): (0.19, 0.33) without the term, (0.27, 0.18) with it
     assert share[0.0][1] > 1.3 * share[0.0][0]
     assert share[1.0][0] > 1.3 * share[1.0][1]
+
+
+def test_deletion_term_in_log_odds_leaves_content_that_raises_every_class(tmp_path):
+    """Issue 7, mosaics: ``SHARED`` raises every logit alike, like another tile of a mosaic. The image
+    without ``SPOT`` keeps class 1's logit above the mean-colour image's, so the deletion term in
+    logits asks the mask to keep ``SHARED`` too; in log-odds (``deletion_score: log_odds``) it does
+    not. Measured (SPOT, SHARED) share of the map: (0.42, 0.04) without the term, (0.28, 0.09) with it
+    in logits, (0.37, 0.004) in log-odds."""
+    (tmp_path / "images").mkdir()
+    shared_spot_images(tmp_path / "images")
+    share = {}
+    for kind in ("same", "log_odds"):
+        run = explain(tmp_path / "images", tmp_path / kind, classifier=GenericSpotClassifier(),
+                      module={**DELETION, "deletion_score": kind})
+        (saliency,) = maps(run).values()
+        share[kind] = saliency[SPOT].sum() / saliency.sum(), saliency[SHARED].sum() / saliency.sum()
+    assert share["same"][1] > 0.06 and share["log_odds"][1] < 0.02
+    assert share["log_odds"][0] > 1.15 * share["same"][0]
+
+
+def test_deletion_term_in_log_odds_measures_from_the_mean_colour_images_log_odds(images):
+    """Under ``deletion_score: log_odds`` the empty score and the evidence scale are log-odds; the
+    masks' own references stay logits (``score``)."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, deletion_weight=1.0,
+                          deletion_substrate="mean", deletion_score="log_odds")
+    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
+    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
+    model.image_rows(1, tuple(image.shape))
+    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
+    model.begin_stage(state)
+    logits = model.classifier(torch.stack([image, torch.zeros_like(image)]))  # (2, 2)
+    log_odds = logits[:, 1] - logits[:, 0]  # two classes: the log-odds is the difference
+    torch.testing.assert_close(state.reference, logits[0, 1])
+    torch.testing.assert_close(state.empty, log_odds[1])
+    torch.testing.assert_close(state.deletion_scale, log_odds[0] - log_odds[1])
+    with pytest.raises(ValueError, match="model.deletion_score"):
+        MaskExplainer(classifier=SpotClassifier(), deletion_score="probability")
 
 
 def test_deletion_to_the_mean_colour_runs_under_the_log_odds_score(images, tmp_path):
@@ -499,6 +536,7 @@ def test_deletion_term_is_the_squared_share_of_the_evidence_left():
     model.reference.fill_(5.0)
     model.floor.fill_(1.0)  # evidence 4
     model.empty.fill_(1.0)
+    model.deletion_scale.fill_(4.0)  # what begin_stage sets under deletion_score same: reference − floor
     rows, logit = torch.zeros(3, dtype=torch.long), torch.full((3,), 5.0)
     without = model.item_losses(logit, trainable, rows)
     with_term = model.item_losses(logit, trainable, rows, left=torch.tensor([5.0, 3.0, 0.0]))

@@ -103,3 +103,18 @@ def decoy_images(folder, count: int = 1, seed: int = 0) -> list:
         Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+class GenericSpotClassifier(nn.Module):
+    """Three classes: class 1 is ``4 a + 2 g``, classes 0 and 2 are ``2 g``, where ``a`` and ``g`` are
+    the mean brightness (normalised) of ``SPOT`` and ``SHARED``.
+
+    ``SHARED`` raises every logit alike, as unrelated content does in a real network (another tile of
+    a mosaic): it holds part of class 1's logit but none of its log-odds, ``4 a − log 2``. The image
+    without ``SPOT`` keeps class 1's logit above the mean-colour image's, not its log-odds.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        brightness = images[:, 0]
+        a, g = (brightness[:, rows, columns].flatten(1).mean(1) for rows, columns in (SPOT, SHARED))
+        return torch.stack([2 * g, 4 * a + 2 * g, 2 * g], dim=1)
