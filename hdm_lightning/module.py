@@ -180,6 +180,11 @@ class MaskExplainer(LightningModule):
         init_value: initial value of every mask element.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
+        shrink: after each Adam step every mask element falls by ``shrink`` times the step's
+            learning rate (:func:`~hdm_lightning.pool.shrink_step`, an L1 proximal step outside
+            Adam's per-element scaling; 0 leaves it out). With the deletion term, whose first steps
+            raise faint regions everywhere that the sparsity gradient then barely moves, it clears
+            that haze (issue 7, stop 26).
         substrate: what a mask value of 0 shows: ``blur`` (a Gaussian blur of the stage input, Fong
             and Vedaldi's perturbation), ``mean`` (zero in normalised space, the dataset mean
             colour: the reference's ``x ⊙ Up(P)``) or ``auto`` (the blur, unless it keeps more than
@@ -246,6 +251,7 @@ class MaskExplainer(LightningModule):
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
         clamp: bool = True,
+        shrink: float = 0.0,
         substrate: Literal["mean", "blur", "auto", "both"] = "auto",
         blur_sigma: float = 10.0,
         blur_keeps: float = 0.5,
@@ -268,6 +274,8 @@ class MaskExplainer(LightningModule):
         if min(sparsity_weight, smoothness_weight, deletion_weight) < 0:
             raise ValueError(f"model.sparsity_weight, model.smoothness_weight and model.deletion_weight must be "
                              f">= 0, got {sparsity_weight}, {smoothness_weight}, {deletion_weight}")
+        if shrink < 0:
+            raise ValueError(f"model.shrink must be >= 0, got {shrink}")
         if deletion_substrate not in ("same", "mean"):
             raise ValueError(f"model.deletion_substrate must be 'same' or 'mean', got {deletion_substrate!r}")
         if deletion_score not in ("same", "log_odds"):
@@ -392,7 +400,7 @@ class MaskExplainer(LightningModule):
         if self.hparams.lr_schedule == "cosine":
             rate = partial(cosine_lr, horizon=self.hparams.lr_horizon, hold=self.hparams.lr_hold)
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
-                        eps=self.adam_eps)
+                        eps=self.adam_eps, shrink=self.hparams.shrink)
 
     @property
     def deletes_to_mean(self) -> bool:

@@ -101,6 +101,24 @@ def adam_step(
     return param - step_size * (exp_avg / denominator), exp_avg, exp_avg_sq
 
 
+def shrink_step(mask: Tensor, lr: Tensor | float, shrink: float) -> Tensor:
+    """Every element lowered by ``shrink · lr`` (``lr`` a float or ``(k,)``, one per item): the
+    proximal step of an L1 penalty on masks kept non-negative.
+
+    Adam steps by the history of each element's gradients: after a few large upward gradients (the
+    deletion term in its first steps, while the masks are still at their start) the momentum keeps
+    raising the element for tens of steps against the small sparsity gradient, and the second moment
+    makes that gradient's own steps tiny, so the raised elements stay as a faint haze over the
+    image (issue 7, stop 26). This fall is outside Adam's scaling: the same in every step.
+
+    Example:
+        >>> shrink_step(torch.full((2, 1, 1), 0.5), torch.tensor([0.1, 0.2]), 0.5).flatten()
+        tensor([0.4500, 0.4000])
+    """
+    lr = torch.as_tensor(lr, dtype=mask.dtype, device=mask.device)
+    return mask - shrink * (lr[:, None, None] if lr.ndim else lr)
+
+
 def cosine_lr(lr: float, step: Tensor, horizon: int, hold: float = 0.0) -> Tensor:
     """Per-item learning rate ``lr`` for the first ``H = hold · T`` item steps, then
     ``lr · (1 + cos(π (t − 1 − H) / (T − H))) / 2`` at item step ``t`` (1 for the first), flat at its
@@ -283,8 +301,10 @@ class MaskPool(nn.Module):
     # ------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
-             betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8) -> None:
-        """One Adam step of every item in flight (:func:`adam_step`), then the projection onto [0, 1].
+             betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8,
+             shrink: float = 0.0) -> None:
+        """One Adam step of every item in flight (:func:`adam_step`), a fall of every element by
+        ``shrink`` times the item's rate (see :func:`shrink_step`), then the projection onto [0, 1].
 
         ``rate(lr, steps)`` gives each item's rate from its own step count (:func:`constant_lr`,
         :func:`cosine_lr`); ``eps`` may depend on the mask size."""
@@ -296,9 +316,10 @@ class MaskPool(nn.Module):
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
+            rates = rate(lr, self.steps[rows])
             new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows],
-                                                     rate(lr, self.steps[rows]), betas,
-                                                     eps(size) if callable(eps) else eps)
+                                                     rates, betas, eps(size) if callable(eps) else eps)
+            new = shrink_step(new, rates, shrink) if shrink else new
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
 
@@ -344,9 +365,10 @@ class ItemAdam(torch.optim.Optimizer):
 
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
                  rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
-                 eps: float | Callable[[int], float] = 1e-8) -> None:
+                 eps: float | Callable[[int], float] = 1e-8, shrink: float = 0.0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
         self.pool, self.size_of, self.clamp, self.rate, self.eps = pool, size_of, clamp, rate, eps
+        self.shrink = shrink
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -354,5 +376,5 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps, shrink=self.shrink)
         return loss

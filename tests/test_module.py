@@ -47,6 +47,21 @@ def test_map_lands_on_the_deciding_square(images, tmp_path, module, least):
         assert spot_mass(saliency) > 4 * spot_area
 
 
+def test_shrink_clears_the_haze_the_deletion_term_leaves(images, tmp_path):
+    """``model.shrink`` (issue 7, stop 26): with the deletion term the map keeps a faint floor outside
+    the square (Adam's memory of the term's first steps holds raised elements up); the shrink step
+    clears it and the square's share rises. Measured (two images): spot mass 0.30 / 0.31 and median
+    outside 0.020 / 0.017 without it, 0.45 / 0.46 and 0.001 with ``shrink 0.5``."""
+    runs = {shrink: maps(explain(images, tmp_path / f"shrink{shrink}", module={**DELETION, "shrink": shrink}))
+            for shrink in (0.0, 0.5)}
+    outside = np.ones((SIZE, SIZE), dtype=bool)
+    outside[SPOT] = False
+    for name in runs[0.0]:
+        hazy, clear = runs[0.0][name], runs[0.5][name]
+        assert np.median(hazy[outside]) > 0.01 > 0.005 > np.median(clear[outside])
+        assert spot_mass(clear) > 1.3 * spot_mass(hazy)
+
+
 def test_log_odds_score_keeps_what_sets_the_class_apart(tmp_path):
     """Issue 7: two squares each keep half of class 1's logit, but one raises class 2 more. Under
     ``model.score=log_odds`` the map lands on the square that sets class 1 apart; under ``logit`` it
@@ -116,6 +131,8 @@ def test_deletion_term_in_log_odds_measures_from_the_mean_colour_images_log_odds
     torch.testing.assert_close(state.deletion_scale, log_odds[0] - log_odds[1])
     with pytest.raises(ValueError, match="model.deletion_score"):
         MaskExplainer(classifier=SpotClassifier(), deletion_score="probability")
+    with pytest.raises(ValueError, match="model.shrink"):
+        MaskExplainer(classifier=SpotClassifier(), shrink=-0.1)
 
 
 def test_deletion_to_the_mean_colour_runs_under_the_log_odds_score(images, tmp_path):

@@ -211,3 +211,27 @@ def test_a_held_rate_stays_at_lr_then_decays_to_zero_by_the_horizon():
     torch.testing.assert_close(cosine_lr(0.05, steps, 40, hold=0.0), cosine_lr(0.05, steps, 40))
     with pytest.raises(ValueError, match="model.lr_hold"):
         MaskExplainer(SpotClassifier(), lr_hold=1.0)
+
+
+def test_shrink_lowers_an_element_that_adams_memory_of_a_large_gradient_holds():
+    """``model.shrink`` (issue 7, stop 26): three steps of a large upward push (the deletion term at the
+    masks' start), then 40 of a tiny downward one (the sparsity term). Adam's moments remember the large
+    gradients: the momentum of the push outweighs the tiny gradient for about 50 steps and the second
+    moment shrinks every later step, so the element keeps rising (to 1.0 here). The shrink step,
+    outside that scaling, brings it to 0. An element that a large gradient holds up stays at 1 either
+    way."""
+    final = {}
+    for shrink in (0.0, 0.5):
+        pool = MaskPool([3], capacity=1, init_value=0.5)
+        slot = pool.admit(Item(0, 0, 0, 0), 3)
+        mask = pool.masks["3"]
+        for step in range(43):
+            held = -1.0  # a gradient that keeps element (0, 0) up throughout
+            push = -1.0 if step < 3 else 1e-3  # up, then the small sparsity gradient down
+            mask.grad = torch.full_like(mask, push)
+            mask.grad[slot, 0, 0] = held
+            pool.step(size_of, lr=0.05, clamp=True, shrink=shrink)
+        final[shrink] = mask[slot].detach().clone()
+    assert final[0.0][1, 1] > 0.5  # measured: 0.65 after the push, 1.0 at the end
+    assert final[0.5][1, 1] == 0.0
+    assert final[0.0][0, 0] == final[0.5][0, 0] == 1.0
