@@ -199,8 +199,9 @@ def deletion_loss(
     image without them still holds its evidence and this term stays high; it is low only when
     what the mask keeps is what the class needs (Fong and Vedaldi's preservation and deletion
     games, played by one mask). ``x_0`` is everything removed: the substrate alone, or the mean colour
-    under ``deletion_substrate: mean`` (the share is then of the evidence over the substrate, and can
-    exceed 1 where the substrate keeps less of the class than the mean colour does).
+    under ``deletion_substrate: mean`` (in the stage's score the share is then of the evidence over
+    the substrate, and can exceed 1 where the substrate keeps less of the class than the mean colour
+    does; under ``deletion_score: log_odds`` of the evidence over ``x_0``).
 
     Example:
         >>> deletion_loss(torch.tensor([6., 1.]), torch.tensor([2., 2.]), torch.tensor([8., 8.]), 1.0, 0.5)

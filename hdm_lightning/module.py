@@ -126,11 +126,12 @@ class MaskExplainer(LightningModule):
             a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
         deletion_score: the score the deletion term measures the evidence left in: ``same`` (the
             stage's score) or ``log_odds`` (:func:`~hdm_lightning.masks.class_score`; monotone in the
-            probability the deletion AUC reads). A logit rises on unrelated content: with the class's
-            tile of a mosaic at the mean colour, the other three tiles keep a spotlight's logit at 4.27
-            against 0.02 on the mean-colour image, so the logit term asks the mask to keep them too;
-            their log-odds stay near the empty image's (−4.85 against −6.89; the bow tie −6.78
-            against −6.88).
+            probability the deletion AUC reads), its evidence then measured over the deletion base
+            (the mean colour under ``deletion_substrate: mean``), not over the masks' substrate. A
+            logit rises on unrelated content: with the class's tile of a mosaic at the mean colour,
+            the other three tiles keep the bow tie's logit at 2.08 against 0.03 on the mean-colour
+            image, so the logit term asks the mask to keep them too; their log-odds stay near the
+            empty image's (−6.78 against −6.88; the shuttle −6.79 against −6.96).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -274,8 +275,9 @@ class MaskExplainer(LightningModule):
         if min(sparsity_weight, smoothness_weight, deletion_weight) < 0:
             raise ValueError(f"model.sparsity_weight, model.smoothness_weight and model.deletion_weight must be "
                              f">= 0, got {sparsity_weight}, {smoothness_weight}, {deletion_weight}")
-        if shrink < 0:
-            raise ValueError(f"model.shrink must be >= 0, got {shrink}")
+        if shrink < 0 or (shrink and not clamp):
+            raise ValueError(f"model.shrink must be >= 0 and needs model.clamp (masks kept in [0, 1]), got "
+                             f"shrink {shrink}, clamp {clamp}")
         if deletion_substrate not in ("same", "mean"):
             raise ValueError(f"model.deletion_substrate must be 'same' or 'mean', got {deletion_substrate!r}")
         if deletion_score not in ("same", "log_odds"):
@@ -410,7 +412,9 @@ class MaskExplainer(LightningModule):
     @property
     def deletion_kind(self) -> str | None:
         """The deletion term's score where it is not the stage's own (``deletion_score``), else None."""
-        return None if self.hparams.deletion_score == "same" else self.hparams.deletion_score
+        if not self.hparams.deletion_weight or self.hparams.deletion_score == "same":
+            return None
+        return self.hparams.deletion_score
 
     def deletion_base(self, images: Tensor) -> Tensor:
         """What the deletion term's removed regions show: the items' substrate rows ``(k, C, H, W)``, or
@@ -566,16 +570,24 @@ class MaskExplainer(LightningModule):
             state.later_evidence = later[0] - later[1]  # the same evidence in the later stages' score
         elif self.hparams.evidence_scale == "image":  # the drop is then a share of stage 1's evidence
             state.floor = state.reference - (state.evidence if state.later_evidence is None else state.later_evidence)
-        if self.deletion_kind is None:
-            state.deletion_scale = state.reference - state.floor
-        else:  # the deletion term's own score; later stages under ``evidence_scale image`` keep stage 1's scale
-            scores = M.class_score(logits, target.expand(len(rows)), self.deletion_kind)
-            state.empty = scores[-1]
-            if state.stage == 0 or self.hparams.evidence_scale != "image":
-                state.deletion_scale = scores[0] - scores[-1]
+        self.set_deletion_reference(state, logits, target)
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
         self.load_stage(state, stage_input, substrate)
+
+    def set_deletion_reference(self, state: ImageState, logits: Tensor, target: Tensor) -> None:
+        """The deletion term's empty score and the evidence its share is of, from the stage's rows'
+        ``logits`` (stage input, substrate[, mean colour]). In the stage's score: the stage's floor
+        and evidence. In ``deletion_score``'s own score: the empty image's score, and the evidence over
+        it (over the mean colour under ``deletion_substrate: mean``); later stages under
+        ``evidence_scale image`` keep stage 1's."""
+        if self.deletion_kind is None:
+            state.deletion_scale = state.reference - state.floor
+            return
+        deletion_scores = M.class_score(logits, target.expand(len(logits)), self.deletion_kind)
+        state.empty = deletion_scores[-1]
+        if state.stage == 0 or self.hparams.evidence_scale != "image":
+            state.deletion_scale = deletion_scores[0] - deletion_scores[-1]
 
     @torch.no_grad()
     def end_item(self, state: ImageState, item: Item, mask: Tensor, superimposed: Tensor,

@@ -58,7 +58,8 @@ def test_shrink_clears_the_haze_the_deletion_term_leaves(images, tmp_path):
     outside[SPOT] = False
     for name in runs[0.0]:
         hazy, clear = runs[0.0][name], runs[0.5][name]
-        assert np.median(hazy[outside]) > 0.01 > 0.005 > np.median(clear[outside])
+        assert np.median(hazy[outside]) > 0.01
+        assert np.median(clear[outside]) < 0.005
         assert spot_mass(clear) > 1.3 * spot_mass(hazy)
 
 
@@ -129,10 +130,24 @@ def test_deletion_term_in_log_odds_measures_from_the_mean_colour_images_log_odds
     torch.testing.assert_close(state.reference, logits[0, 1])
     torch.testing.assert_close(state.empty, log_odds[1])
     torch.testing.assert_close(state.deletion_scale, log_odds[0] - log_odds[1])
-    with pytest.raises(ValueError, match="model.deletion_score"):
-        MaskExplainer(classifier=SpotClassifier(), deletion_score="probability")
-    with pytest.raises(ValueError, match="model.shrink"):
-        MaskExplainer(classifier=SpotClassifier(), shrink=-0.1)
+
+
+def test_deletion_term_in_the_stages_score_is_a_share_of_the_stages_evidence(images):
+    """Under ``deletion_score: same`` the share is of ``reference − floor``: stage 1's evidence over the
+    substrate, and in stage 2 (``evidence_scale image``) stage 1's evidence again."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, deletion_weight=1.0, **SMALL_MASKS)
+    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
+    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
+    model.image_rows(1, tuple(image.shape))
+    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
+    model.begin_stage(state)
+    torch.testing.assert_close(state.deletion_scale, state.reference - state.floor)
+    torch.testing.assert_close(model.deletion_scale[0], state.evidence)
+    state.stage_maps.append(torch.zeros(SIZE, SIZE))
+    state.stage_maps[0][SPOT] = 1.0  # stage 1 found the square
+    state.stage = 1
+    model.begin_stage(state)
+    torch.testing.assert_close(state.deletion_scale, state.evidence)
 
 
 def test_deletion_to_the_mean_colour_runs_under_the_log_odds_score(images, tmp_path):
@@ -409,6 +424,12 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"blur_fade": 1.5})
     with pytest.raises(ValueError, match="model.deletion_substrate"):
         build("unused", "unused", module={"deletion_substrate": "blur"})
+    with pytest.raises(ValueError, match="model.deletion_score"):
+        build("unused", "unused", module={"deletion_score": "probability"})
+    with pytest.raises(ValueError, match="model.shrink"):
+        build("unused", "unused", module={"shrink": -0.1})
+    with pytest.raises(ValueError, match="model.shrink"):
+        build("unused", "unused", module={"shrink": 0.5, "clamp": False})
     with pytest.raises(ValueError, match="schedule.patience"):
         build("unused", "unused", schedule={"min_delta": 1.5})
 
