@@ -28,12 +28,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from hdm_lightning import explain
+from hdm_lightning.data import load_image
+from hdm_lightning.metrics.functional import curve_auc, deletion_curve, insertion_curve
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaics import build_scenes, normalise, tile_masks  # noqa: E402
+from photos_faithfulness import PHOTOS as PHOTO_SPECS  # noqa: E402
 
-PHOTOS = {"chelsea": "skimage:chelsea", "coffee": "skimage:coffee", "astronaut": "skimage:astronaut",
-          "rocket": "skimage:rocket", "grace_hopper": "matplotlib:grace_hopper.jpg", "china": "sklearn:china.jpg",
-          "flower": "sklearn:flower.jpg"}
+PHOTOS = {spec.split(":")[1].split(".")[0]: spec for spec in PHOTO_SPECS}  # chelsea -> skimage:chelsea
+BLUR = {"kernel_size": 11, "sigma": 5.0}  # the insertion curve's blurred start, as in benchmarks/stability.py
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -48,8 +52,6 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 def tile_scores(classifier, overrides: dict, ids: list[str], size: int = 224) -> list[str]:
     """Share in the class's tile and the other tiles' medians of each target's stage-1 map."""
-    from hdm_lightning import explain
-
     scenes, targets = build_scenes(classifier, classifier.class_names(), size)
     tiles = tile_masks(size).float()
     lines = []
@@ -67,10 +69,6 @@ def photo_scores(classifier, overrides: dict, names: list[str], num_steps: int, 
                  size: int = 224) -> list[str]:
     """Mean deletion and insertion AUC of the photos' stage-1 maps, and each photo's (also with the
     maps' values below ``floor`` of their maximum set to 0)."""
-    from hdm_lightning import explain
-    from hdm_lightning.data import load_image
-    from hdm_lightning.metrics.functional import curve_auc, deletion_curve, insertion_curve
-
     images = torch.stack([normalise(load_image(PHOTOS[n]), size) for n in names])
     with torch.no_grad():
         targets = classifier(images).argmax(1)
@@ -82,9 +80,10 @@ def photo_scores(classifier, overrides: dict, names: list[str], num_steps: int, 
     lines = []
     for label, saliency in versions.items():
         with torch.no_grad():
-            deletion = curve_auc(deletion_curve(classifier, images, saliency, targets, num_steps, num_steps + 1))
+            deletion = curve_auc(deletion_curve(classifier, images, saliency, targets, num_steps,
+                                                batch_size=num_steps + 1))
             insertion = curve_auc(insertion_curve(classifier, images, saliency, targets, num_steps,
-                                                  num_steps + 1, 11, 5.0))
+                                                  batch_size=num_steps + 1, **BLUR))
         each = " ".join(f"{n} {d:.3f}/{i:.3f}" for n, d, i in zip(names, deletion.tolist(), insertion.tolist()))
         lines.append(f"{label}: deletion {deletion.mean():.4f}, insertion {insertion.mean():.4f} ({each})")
     return lines
