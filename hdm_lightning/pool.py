@@ -91,8 +91,7 @@ def adam_step(
     """
     beta1, beta2 = betas
     step = step.double()[:, None, None]  # (k, 1, 1); bias corrections in float64, as torch.optim.Adam
-    lr = torch.as_tensor(lr, dtype=torch.float64, device=param.device)
-    lr = lr[:, None, None] if lr.ndim else lr
+    lr = per_item(lr, param, torch.float64)
     step_size = (lr / (1 - beta1**step)).to(param.dtype)
     correction2_sqrt = (1 - beta2**step).sqrt().to(param.dtype)
     exp_avg = exp_avg.lerp(grad, 1 - beta1)
@@ -115,8 +114,14 @@ def shrink_step(mask: Tensor, lr: Tensor | float, shrink: float) -> Tensor:
         >>> shrink_step(torch.full((2, 1, 1), 0.5), torch.tensor([0.1, 0.2]), 0.5).flatten()
         tensor([0.4500, 0.4000])
     """
-    lr = torch.as_tensor(lr, dtype=mask.dtype, device=mask.device)
-    return mask - shrink * (lr[:, None, None] if lr.ndim else lr)
+    return mask - shrink * per_item(lr, mask, mask.dtype)
+
+
+def per_item(value: Tensor | float, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` (one float, or one per item ``(k,)``) as a tensor that broadcasts over ``like``'s
+    ``(k, s, s)`` rows."""
+    value = torch.as_tensor(value, dtype=dtype, device=like.device)
+    return value[:, None, None] if value.ndim else value
 
 
 def cosine_lr(lr: float, step: Tensor, horizon: int, hold: float = 0.0) -> Tensor:
