@@ -146,6 +146,23 @@ def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
     assert (fast["schedule"]["min_steps"], fast["schedule"]["max_steps"]) == (20, 40)
 
 
+def test_deletion_preset_is_the_defaults_with_the_deletion_term_in_log_odds(capsys):
+    """Stop 27: the preset's term measures log-odds (until then logits); nothing else moves."""
+    from hdm_lightning.cli import CONFIGS
+
+    printed = {}
+    for preset in ("fast", "deletion"):
+        with pytest.raises(SystemExit):
+            main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
+        printed[preset] = yaml.safe_load(capsys.readouterr().out)
+    fast, deletion = printed["fast"]["model"], printed["deletion"]["model"]
+    assert {key for key in fast if fast[key] != deletion[key]} == {
+        "deletion_weight", "deletion_substrate", "deletion_score"}
+    assert (deletion["deletion_weight"], deletion["deletion_substrate"], deletion["deletion_score"]) == (
+        2.0, "mean", "log_odds")
+    assert printed["fast"]["schedule"] == printed["deletion"]["schedule"]
+
+
 def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
     from hdm_lightning.cli import HDMCLI
     from hdm_lightning.consistency import EvidenceConsistency
