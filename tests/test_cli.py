@@ -132,15 +132,20 @@ def test_paper_preset_restores_the_reference_method(capsys):
     assert "SquaredConsistency" in paper and "SumFusion" in paper and "lr_schedule: constant" in paper
 
 
-def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
+def printed_presets(capsys, *presets: str) -> list[dict]:
+    """Each preset's full configuration as ``--print_config`` prints it."""
     from hdm_lightning.cli import CONFIGS
 
-    printed = {}
-    for preset in ("fast", "thorough"):
+    printed = []
+    for preset in presets:
         with pytest.raises(SystemExit):
             main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
-        printed[preset] = yaml.safe_load(capsys.readouterr().out)
-    fast, thorough = printed["fast"], printed["thorough"]
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    return printed
+
+
+def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
+    fast, thorough = printed_presets(capsys, "fast", "thorough")
     assert thorough["model"] == fast["model"]
     assert (thorough["schedule"]["min_steps"], thorough["schedule"]["max_steps"]) == (100, 200)
     assert (fast["schedule"]["min_steps"], fast["schedule"]["max_steps"]) == (20, 40)
@@ -148,19 +153,13 @@ def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
 
 def test_deletion_preset_is_the_defaults_with_the_deletion_term_in_log_odds(capsys):
     """Stop 27: the preset's term measures log-odds (until then logits); nothing else moves."""
-    from hdm_lightning.cli import CONFIGS
-
-    printed = {}
-    for preset in ("fast", "deletion"):
-        with pytest.raises(SystemExit):
-            main(["--config", str(CONFIGS / f"{preset}.yaml"), "--print_config"])
-        printed[preset] = yaml.safe_load(capsys.readouterr().out)
-    fast, deletion = printed["fast"]["model"], printed["deletion"]["model"]
+    fast_run, deletion_run = printed_presets(capsys, "fast", "deletion")
+    fast, deletion = fast_run["model"], deletion_run["model"]
     assert {key for key in fast if fast[key] != deletion[key]} == {
         "deletion_weight", "deletion_substrate", "deletion_score"}
     assert (deletion["deletion_weight"], deletion["deletion_substrate"], deletion["deletion_score"]) == (
         2.0, "mean", "log_odds")
-    assert printed["fast"]["schedule"] == printed["deletion"]["schedule"]
+    assert fast_run["schedule"] == deletion_run["schedule"]
 
 
 def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
