@@ -151,11 +151,12 @@ def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
     assert (fast["schedule"]["min_steps"], fast["schedule"]["max_steps"]) == (20, 40)
 
 
-def test_deletion_preset_is_the_defaults_with_the_deletion_term_in_log_odds(capsys):
-    """Stop 27: the preset's term measures log-odds (until then logits); nothing else moves."""
+def test_deletion_preset_is_the_defaults_with_the_deletion_term(capsys):
+    """The preset adds the deletion term, in logits, to the mean colour; nothing else moves."""
     fast, deletion = printed_presets(capsys, "fast", "deletion")
     terms = ("deletion_weight", "deletion_substrate", "deletion_score")
-    assert tuple(deletion["model"][key] for key in terms) == (2.0, "mean", "log_odds")
+    assert tuple(deletion["model"][key] for key in terms) == (2.0, "mean", "same")
+    assert tuple(fast["model"][key] for key in terms) == (0.0, "same", "same")
     deletion["model"].update({key: fast["model"][key] for key in terms})
     deletion["out_dir"] = fast["out_dir"]
     assert deletion == fast  # nothing else differs: data, trainer, schedule, the other model keys

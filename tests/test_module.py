@@ -29,7 +29,7 @@ def spot_mass(saliency: np.ndarray) -> float:
 
 # measured spot mass (two images): 0.44 / 0.44 at the defaults, whose smoothness term spreads the 3×3
 # and 4×4 masks of this 32-px toy over the square's neighbours; 0.70 / 0.70 without it. With the deletion
-# term in logits removing to the mean colour (configs/deletion.yaml until stop 27) 0.30 / 0.31 (0.46 / 0.48 without smoothness):
+# term removing to the mean colour (configs/deletion.yaml) 0.30 / 0.31 (0.46 / 0.48 without smoothness):
 # the mean colour is brighter than all of the background that the classifier counts against the class,
 # so keeping background regions also meets the term (before the blur substrate and relative_eps 0.5:
 # 0.37 / 0.65; 0.31 with every level map, level_maps all).
