@@ -115,16 +115,23 @@ def test_deletion_term_in_log_odds_leaves_content_that_raises_every_class(tmp_pa
     assert share["log_odds"][0] > 1.15 * share["same"][0]
 
 
-def test_deletion_term_in_log_odds_measures_from_the_mean_colour_images_log_odds(images):
-    """Under ``deletion_score: log_odds`` the empty score and the evidence scale are log-odds; the
-    masks' own references stay logits (``score``)."""
-    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, deletion_weight=1.0,
-                          deletion_substrate="mean", deletion_score="log_odds")
+def first_stage_of_spot0(model: MaskExplainer, images) -> tuple[torch.Tensor, object]:
+    """``spot0.png`` normalised as the data module does, admitted to ``model`` with its first stage
+    begun: the image and its state."""
     pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
     image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
     model.image_rows(1, tuple(image.shape))
     state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
     model.begin_stage(state)
+    return image, state
+
+
+def test_deletion_term_in_log_odds_measures_from_the_mean_colour_images_log_odds(images):
+    """Under ``deletion_score: log_odds`` the empty score and the evidence scale are log-odds; the
+    masks' own references stay logits (``score``)."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, deletion_weight=1.0,
+                          deletion_substrate="mean", deletion_score="log_odds")
+    image, state = first_stage_of_spot0(model, images)
     logits = model.classifier(torch.stack([image, torch.zeros_like(image)]))  # (2, 2)
     log_odds = logits[:, 1] - logits[:, 0]  # two classes: the log-odds is the difference
     torch.testing.assert_close(state.reference, logits[0, 1])
@@ -136,11 +143,7 @@ def test_deletion_term_in_the_stages_score_is_a_share_of_the_stages_evidence(ima
     """Under ``deletion_score: same`` the share is of ``reference − floor``: stage 1's evidence over the
     substrate, and in stage 2 (``evidence_scale image``) stage 1's evidence again."""
     model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, deletion_weight=1.0, **SMALL_MASKS)
-    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
-    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
-    model.image_rows(1, tuple(image.shape))
-    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
-    model.begin_stage(state)
+    _, state = first_stage_of_spot0(model, images)
     torch.testing.assert_close(state.deletion_scale, state.reference - state.floor)
     torch.testing.assert_close(model.deletion_scale[0], state.evidence)
     state.stage_maps.append(torch.zeros(SIZE, SIZE))
@@ -164,11 +167,7 @@ def test_deletion_to_the_mean_colour_measures_from_the_mean_colour_image(images)
     masks' substrate, and the deletion term's empty score is the class's on the mean-colour image."""
     model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, substrate="blur", deletion_weight=1.0,
                           deletion_substrate="mean")
-    pixels = torch.from_numpy(np.asarray(Image.open(images / "spot0.png"), dtype=np.float32) / 255)
-    image = (pixels.permute(2, 0, 1) - 0.5) / 0.5
-    model.image_rows(1, tuple(image.shape))
-    state = model.begin_image(0, "spot0", "spot0.png", 0, image, 1)
-    model.begin_stage(state)
+    image, state = first_stage_of_spot0(model, images)
     assert model.substrate[0].abs().max() > 0.1  # the masks keep the blur
     assert model.deletion_base(torch.tensor([0])).abs().max() == 0
     torch.testing.assert_close(state.empty, model.classifier(torch.zeros(1, *image.shape))[0, 1])
