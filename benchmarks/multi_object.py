@@ -43,16 +43,18 @@ from mosaics import COVER_RULE, Target, build_scenes, normalise, score
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "multi_object"
 
+NO_DELETION = ["--model.deletion_weight", "0"]
 #: HDM variants: name -> command-line overrides of ``train_masks.py`` (``--hdm NAME=ARGS`` adds more).
 HDM_VARIANTS: dict[str, list[str]] = {
     "HDM defaults": [],
+    "HDM sufficient": NO_DELETION,  # the defaults before stop 28 (configs/sufficient.yaml)
     # measured before evidence_scale "image" became the default (README "Several objects")
-    "HDM log-odds": ["--model.score", "log_odds", "--model.evidence_scale", "stage"],
-    "HDM log-odds, image evidence": ["--model.score", "log_odds", "--model.evidence_scale", "image"],
-    "HDM image evidence": ["--model.evidence_scale", "image"],  # the defaults now
-    "HDM mask scale": ["--model.map_scale", "mask"],
-    "HDM log-odds, mask scale": ["--model.score", "log_odds", "--model.map_scale", "mask"],
-    "HDM paper-loss, 1 stage": ["--schedule.stages", "1"],
+    "HDM log-odds": [*NO_DELETION, "--model.score", "log_odds", "--model.evidence_scale", "stage"],
+    "HDM log-odds, image evidence": [*NO_DELETION, "--model.score", "log_odds", "--model.evidence_scale", "image"],
+    "HDM image evidence": [*NO_DELETION, "--model.evidence_scale", "image"],
+    "HDM mask scale": [*NO_DELETION, "--model.map_scale", "mask"],
+    "HDM log-odds, mask scale": [*NO_DELETION, "--model.score", "log_odds", "--model.map_scale", "mask"],
+    "HDM paper-loss, 1 stage": [*NO_DELETION, "--schedule.stages", "1"],
 }
 #: Arguments of every HDM run; the size, input and run folder are added per target.
 HDM_COMMON = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.batch_size", "1"]

@@ -36,12 +36,14 @@ PHOTO_SETS = {"tuning": PHOTOS, "held_out": HELD_OUT}
 #: The HDM command line every HDM row shares; each row adds its settings.
 HDM_RUN = ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
            "--trainer.enable_progress_bar=false"]
-BEFORE = [*HDM_RUN, "--model.evidence_scale=stage"]  # the defaults before issue 7's evidence_scale
+SUFFICIENT = [*HDM_RUN, "--model.deletion_weight=0"]  # the defaults before stop 28 (configs/sufficient.yaml)
+BEFORE = [*SUFFICIENT, "--model.evidence_scale=stage"]  # the defaults before issue 7's evidence_scale
 METHODS = {
     "HDM": HDM_RUN,
+    "HDM sufficient": SUFFICIENT,
     # the reference's term, fusion and constant rate at the fast preset's sizes and steps (the defaults
     # before issue 7)
-    "HDM reference": [*HDM_RUN, "--model.consistency=SquaredConsistency", "--model.fusion=SumFusion",
+    "HDM reference": [*SUFFICIENT, "--model.consistency=SquaredConsistency", "--model.fusion=SumFusion",
                       "--model.lr=0.05", "--model.lr_schedule=constant", "--model.relative_eps=0"],
     # ablations of the defaults before evidence_scale became "image" (README "Faithfulness")
     "HDM undamped": [*BEFORE, "--model.relative_eps=0"],
@@ -50,12 +52,12 @@ METHODS = {
     "HDM lr 0.1": [*BEFORE, "--model.lr=0.1"],
     "HDM log-odds": [*BEFORE, "--model.score=log_odds"],
     "HDM log-odds lr 0.1": [*BEFORE, "--model.score=log_odds", "--model.lr=0.1"],
-    "HDM log-odds, image evidence": [*HDM_RUN, "--model.score=log_odds"],
-    "HDM image evidence": [*HDM_RUN, "--model.evidence_scale=image"],  # the defaults now: as "HDM"
-    "HDM mask scale": [*HDM_RUN, "--model.map_scale=mask"],
-    "HDM log-odds, mask scale": [*HDM_RUN, "--model.score=log_odds", "--model.map_scale=mask"],
-    "HDM constant, image evidence": [*HDM_RUN, "--model.lr_schedule=constant"],
-    "HDM hold 0.5": [*HDM_RUN, "--model.lr_hold=0.5"],
+    "HDM log-odds, image evidence": [*SUFFICIENT, "--model.score=log_odds"],
+    "HDM image evidence": [*SUFFICIENT, "--model.evidence_scale=image"],  # the defaults before stop 28: as "HDM sufficient"
+    "HDM mask scale": [*SUFFICIENT, "--model.map_scale=mask"],
+    "HDM log-odds, mask scale": [*SUFFICIENT, "--model.score=log_odds", "--model.map_scale=mask"],
+    "HDM constant, image evidence": [*SUFFICIENT, "--model.lr_schedule=constant"],
+    "HDM hold 0.5": [*SUFFICIENT, "--model.lr_hold=0.5"],
     "Grad-CAM": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAM"],
     "Grad-CAM++": ["-m", "hdm_lightning.explain_baseline", "--baseline=GradCAMPlusPlus"],
     "Integrated Gradients": ["-m", "hdm_lightning.explain_baseline", "--baseline=IntegratedGradients",

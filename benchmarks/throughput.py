@@ -97,7 +97,7 @@ class Passes(Callback):
         if trainer.should_stop:
             return
         if self.engine == "new":
-            count = len(pl_module.pool)
+            count = len(pl_module.pool) * pl_module.passes_per_step  # the deletion term's pass counts too
             self.passes, self.useful = self.passes + count, self.useful + count  # every item in flight optimises
         else:  # the old engine: every chain with an active item sends all the batch's images
             if getattr(pl_module, "idle", False) or not hasattr(pl_module, "active"):

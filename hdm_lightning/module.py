@@ -103,8 +103,8 @@ def move(value: Any, device: torch.device) -> Any:
 class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
-    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed, smooth masks), usable on
-    a CPU; ``configs/paper.yaml`` sets the reference constants.
+    The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed, smooth masks, the
+    deletion term in log-odds), usable on a CPU; ``configs/paper.yaml`` sets the reference constants.
 
     Args:
         classifier: the network to explain; None loads the packaged EfficientNet-Lite0.
@@ -117,10 +117,12 @@ class MaskExplainer(LightningModule):
             reference's ``λ_c (f_c(x ⊙ Up(P)) − f_c(x))²``.
         sparsity_weight: ``λ_1`` of the mask-value term.
         deletion_weight: ``λ_d`` of :func:`~hdm_lightning.masks.deletion_loss`: the evidence left in the
-            stage input with the mask's kept regions removed (not in the paper, 0 leaves it out). It
-            costs a second classifier pass per item and step; it asks the kept regions to be evidence
-            the class needs, not only evidence that suffices (issue 7: on the blur a mask kept a cup's
-            rim, enough for "espresso", while removing the rim left the class). ``configs/deletion.yaml``.
+            stage input with the mask's kept regions removed (not in the paper; 0 leaves it out, as
+            ``configs/sufficient.yaml`` and ``paper.yaml`` do). It costs a second classifier pass per
+            item and step; it asks the kept regions to be evidence the class needs, not only evidence
+            that suffices (issue 7: on the blur a mask kept a cup's rim, enough for "espresso", while
+            removing the rim left the class; a moped's wheel and engine, while the rest of the bike
+            held the class).
         deletion_substrate: what the deletion term removes the kept regions to: ``same`` (the masks'
             substrate) or ``mean`` (the mean colour, what the deletion AUC removes to). Under the blur
             a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
@@ -235,9 +237,9 @@ class MaskExplainer(LightningModule):
         max_size: int = 50,
         consistency: Consistency | None = None,
         sparsity_weight: float = 1.0,
-        deletion_weight: float = 0.0,
-        deletion_substrate: Literal["same", "mean"] = "same",
-        deletion_score: Literal["same", "log_odds"] = "same",
+        deletion_weight: float = 2.0,
+        deletion_substrate: Literal["same", "mean"] = "mean",
+        deletion_score: Literal["same", "log_odds"] = "log_odds",
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",

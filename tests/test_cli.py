@@ -144,22 +144,41 @@ def printed_presets(capsys, *presets: str) -> list[dict]:
     return printed
 
 
-def test_thorough_preset_is_the_defaults_with_longer_levels(capsys):
-    fast, thorough = printed_presets(capsys, "fast", "thorough")
-    assert thorough["model"] == fast["model"]
+TERMS = ("deletion_weight", "deletion_substrate", "deletion_score")
+
+
+def without_keys(config: dict, keys: tuple[str, ...]) -> dict:
+    """``config`` without ``out_dir`` and the given ``model`` keys, to compare what else two presets set."""
+    rest = {key: value for key, value in config.items() if key != "out_dir"}
+    rest["model"] = {key: value for key, value in config["model"].items() if key not in keys}
+    return rest
+
+
+def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys):
+    (fast,) = printed_presets(capsys, "fast")
+    assert tuple(fast["model"][key] for key in TERMS) == (2.0, "mean", "log_odds")
+
+
+def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
+    """``sufficient`` leaves the term out (the defaults before stop 28), ``deletion`` measures it in
+    logits; nothing else moves: data, trainer, schedule, the other model keys."""
+    fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
+    assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
+    assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
+    assert without_keys(sufficient, TERMS) == without_keys(fast, TERMS)
+    assert without_keys(deletion, TERMS) == without_keys(fast, TERMS)
+
+
+def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
+    sufficient, thorough = printed_presets(capsys, "sufficient", "thorough")
+    assert thorough["model"] == sufficient["model"]
     assert (thorough["schedule"]["min_steps"], thorough["schedule"]["max_steps"]) == (100, 200)
-    assert (fast["schedule"]["min_steps"], fast["schedule"]["max_steps"]) == (20, 40)
+    assert (sufficient["schedule"]["min_steps"], sufficient["schedule"]["max_steps"]) == (20, 40)
 
 
-def test_deletion_preset_is_the_defaults_with_the_deletion_term(capsys):
-    """The preset adds the deletion term, in logits, to the mean colour; nothing else moves."""
-    fast, deletion = printed_presets(capsys, "fast", "deletion")
-    terms = ("deletion_weight", "deletion_substrate", "deletion_score")
-    assert tuple(deletion["model"][key] for key in terms) == (2.0, "mean", "same")
-    assert tuple(fast["model"][key] for key in terms) == (0.0, "same", "same")
-    deletion["model"].update({key: fast["model"][key] for key in terms})
-    deletion["out_dir"] = fast["out_dir"]
-    assert deletion == fast  # nothing else differs: data, trainer, schedule, the other model keys
+def test_reference_presets_leave_the_deletion_term_out(capsys):
+    for config in printed_presets(capsys, "paper", "mdm"):
+        assert config["model"]["deletion_weight"] == 0.0
 
 
 def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
