@@ -229,7 +229,8 @@ def prepare_run_folder(cli: HDMCLI) -> str | None:
         if differing:
             raise RunFolderError(
                 f"{out_dir} holds maps or work made with another configuration (differing keys: "
-                f"{', '.join(differing)}; stored in {stored_path}); use a new --out_dir, or delete {out_dir} to start over"
+                f"{', '.join(differing)}; stored in {stored_path}); use a new --out_dir, continue with its settings "
+                f"(--config {stored_path}), or delete {out_dir} to start over"
             )
     elif cli.trainer.is_global_zero:
         cli.parser.save(cli.config, str(stored_path), overwrite=True, skip_validation=True)

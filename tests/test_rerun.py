@@ -138,3 +138,23 @@ def test_resume_false_starts_the_work_in_flight_over_also_with_a_slurm_checkpoin
     for name in ("spot0", "spot1", "spot2"):
         np.testing.assert_array_equal(np.load(out / "maps" / f"{name}.npy"), np.load(whole / "maps" / f"{name}.npy"))
     assert len(index_rows(out)) == 3
+
+
+def test_a_folder_of_the_defaults_before_the_deletion_term_continues_with_its_own_config(images, tmp_path):
+    """Stop 28 added the deletion term to the defaults: a folder made without it (``configs/sufficient.yaml``,
+    the defaults before) is refused by a plain run, naming the term's keys, and continued, with no step and
+    no new row, by ``--config <folder>/config.yaml``."""
+    from hdm_lightning.cli import CONFIGS
+
+    out = tmp_path / "run"
+    main(["--config", str(CONFIGS / "sufficient.yaml"), f"--data.images={images}", f"--out_dir={out}", *SMALL,
+          "--trainer.logger=false"])
+    assert len(index_rows(out)) == 3
+    with pytest.raises(SystemExit) as stop:
+        run(images, out)
+    message = str(stop.value.code)
+    assert "model.deletion_score, model.deletion_substrate, model.deletion_weight;" in message
+    assert f"--config {out / 'config.yaml'}" in message
+    CountSteps.steps = 0
+    main(["--config", str(out / "config.yaml"), "--trainer.callbacks+=tests.test_rerun.CountSteps"])
+    assert CountSteps.steps == 0 and len(index_rows(out)) == 3
