@@ -117,6 +117,31 @@ def shrink_step(mask: Tensor, lr: Tensor | float, shrink: float) -> Tensor:
     return mask - shrink * per_item(lr, mask, mask.dtype)
 
 
+def restarted(exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, after: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """Adam's moments and step counts for this step when Adam starts over after each item's step
+    ``after`` (0: never): the moments of the items at step ``after + 1`` zeroed, and every later step
+    counted from the restart, so that the bias correction starts over too. ``steps`` ``(k,)`` are the
+    items' step numbers of this step.
+
+    With the deletion term the masks' first steps see gradients far larger than any later: at their
+    start (0.5 everywhere) the image without the kept regions still shows half the class, and every
+    element whose removal lowers the class at all is raised. Adam's moments remember those steps (the
+    momentum keeps raising the elements, the second moment makes the sparsity term's steps tiny), and
+    the raised elements stay as a faint haze over the image (issue 7, stop 26). Starting over once the
+    object's elements are up forgets them; the haze then falls at the sparsity term's full step.
+
+    Example:
+        >>> (m, v), steps = restarted(torch.ones(3, 1, 1), torch.ones(3, 1, 1), torch.tensor([3, 4, 5]), 3)
+        >>> m.flatten().tolist(), steps.tolist()
+        ([1.0, 0.0, 1.0], [3, 1, 2])
+    """
+    if not after:
+        return (exp_avg, exp_avg_sq), steps
+    again = (steps == after + 1)[:, None, None]
+    moments = (torch.where(again, 0.0, exp_avg), torch.where(again, 0.0, exp_avg_sq))
+    return moments, torch.where(steps > after, steps - after, steps)
+
+
 def per_item(value: Tensor | float, like: Tensor, dtype: torch.dtype) -> Tensor:
     """``value`` (one float, or one per item ``(k,)``) as a tensor that broadcasts over ``like``'s
     ``(k, s, s)`` rows."""
@@ -307,9 +332,10 @@ class MaskPool(nn.Module):
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
              betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8,
-             shrink: float = 0.0) -> None:
-        """One Adam step of every item in flight (:func:`adam_step`), a fall of every element by
-        ``shrink`` times the item's rate (see :func:`shrink_step`), then the projection onto [0, 1].
+             shrink: float = 0.0, adam_restart: int = 0) -> None:
+        """One Adam step of every item in flight (:func:`adam_step`; started over after each item's
+        step ``adam_restart``, :func:`restarted`), a fall of every element by ``shrink`` times the item's
+        rate (see :func:`shrink_step`), then the projection onto [0, 1].
 
         ``rate(lr, steps)`` gives each item's rate from its own step count (:func:`constant_lr`,
         :func:`cosine_lr`); ``eps`` may depend on the mask size."""
@@ -321,8 +347,10 @@ class MaskPool(nn.Module):
             grad = mask.grad[rows] if mask.grad is not None else torch.zeros_like(mask[rows])
             self.steps[rows] += 1
             avg, avg_sq = getattr(self, f"exp_avg_{size}"), getattr(self, f"exp_avg_sq_{size}")
-            rates = rate(lr, self.steps[rows])
-            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, avg[rows], avg_sq[rows], self.steps[rows],
+            steps = self.steps[rows]
+            rates = rate(lr, steps)
+            moments, steps = restarted(avg[rows], avg_sq[rows], steps, adam_restart)
+            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, *moments, steps,
                                                      rates, betas, eps(size) if callable(eps) else eps)
             new = shrink_step(new, rates, shrink) if shrink else new
             mask[rows] = new.clamp(0, 1) if clamp else new
@@ -370,10 +398,10 @@ class ItemAdam(torch.optim.Optimizer):
 
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
                  rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
-                 eps: float | Callable[[int], float] = 1e-8, shrink: float = 0.0) -> None:
+                 eps: float | Callable[[int], float] = 1e-8, shrink: float = 0.0, adam_restart: int = 0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
         self.pool, self.size_of, self.clamp, self.rate, self.eps = pool, size_of, clamp, rate, eps
-        self.shrink = shrink
+        self.shrink, self.adam_restart = shrink, adam_restart
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -381,5 +409,6 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps, shrink=self.shrink)
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps, shrink=self.shrink,
+                       adam_restart=self.adam_restart)
         return loss

@@ -235,3 +235,29 @@ def test_shrink_lowers_an_element_that_adams_memory_of_a_large_gradient_holds():
     assert final[0.0][1, 1] > 0.5  # measured: 0.65 after the push, 1.0 at the end
     assert final[0.5][1, 1] == 0.0
     assert final[0.0][0, 0] == final[0.5][0, 0] == 1.0
+
+
+def test_a_restart_forgets_the_large_gradients_of_the_first_steps():
+    """``model.adam_restart`` (issue 7, stop 29): the same three steps of a large push, then the tiny
+    pull. Adam started over after step 3 forgets the push: the pulled element falls to 0, while without
+    the restart it keeps rising; an element that a large gradient holds up stays at 1 either way. The
+    first three steps are Adam's own (the same mask after them), and the restarted steps are Adam's
+    from scratch on the mask they start from."""
+    final, after_push = {}, {}
+    for restart in (0, 3):
+        pool = MaskPool([3], capacity=1, init_value=0.5)
+        slot = pool.admit(Item(0, 0, 0, 0), 3)
+        mask = pool.masks["3"]
+        for step in range(43):
+            mask.grad = torch.full_like(mask, -1.0 if step < 3 else 1e-3)
+            mask.grad[slot, 0, 0] = -1.0
+            pool.step(size_of, lr=0.05, clamp=True, adam_restart=restart)
+            if step == 2:
+                after_push[restart] = mask[slot].detach().clone()
+            if restart and step == 3:  # the first step after the restart: Adam's first step, lr against the sign
+                assert mask[slot, 1, 1].item() == pytest.approx(after_push[restart][1, 1].item() - 0.05)
+        final[restart] = mask[slot].detach().clone()
+    torch.testing.assert_close(after_push[0], after_push[3])
+    assert final[0][1, 1] > 0.5
+    assert final[3][1, 1] == 0.0
+    assert final[0][0, 0] == final[3][0, 0] == 1.0
