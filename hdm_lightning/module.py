@@ -139,7 +139,7 @@ class MaskExplainer(LightningModule):
             without the term never). The term's first steps, while the masks are still at their start,
             raise faint regions all over the image, and Adam's memory of those large gradients holds
             them up against the sparsity term: a haze over the map that three tiles of a mosaic weigh
-            more than the class's own (issue 7). Started over after them, the sparsity term clears it
+            more than the class's own (issue 7). Started over after them, the sparsity term lowers it
             (224-px mosaics: share in the class's tile 0.536 against 0.471, every target's up).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
