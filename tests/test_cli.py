@@ -157,7 +157,7 @@ def without_keys(config: dict, keys: tuple[str, ...]) -> dict:
 def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys):
     (fast,) = printed_presets(capsys, "fast")
     assert tuple(fast["model"][key] for key in TERMS) == (2.0, "mean", "log_odds")
-    assert fast["model"]["deletion_restart"] == 3  # Adam starts over after the term's first 3 steps
+    assert fast["model"]["deletion_restart"] == 0  # Adam never starts over (stop 29: photos' deletion AUC rose)
 
 
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):

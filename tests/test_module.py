@@ -418,8 +418,8 @@ def test_both_substrates_run_once_where_auto_chooses_the_mean_colour(images, tmp
         assert both.read_index()[name]["substrate"] == "mean"
 
 
-@pytest.mark.parametrize("module, restart", [({}, 3), ({"deletion_restart": 5}, 5), (SUFFICIENT, 0),
-                                             ({**SUFFICIENT, "deletion_restart": 5}, 0), ({"deletion_restart": 0}, 0)])
+@pytest.mark.parametrize("module, restart", [({}, 0), ({"deletion_restart": 3}, 3), (SUFFICIENT, 0),
+                                             ({**SUFFICIENT, "deletion_restart": 3}, 0), ({**DELETION, "deletion_restart": 5}, 5)])
 def test_adam_starts_over_after_the_deletion_terms_first_steps_only_with_the_term(module, restart):
     """``model.deletion_restart`` (issue 7, stop 29) reaches the optimiser only with the deletion term, so
     ``deletion_weight 0`` (``configs/sufficient.yaml``, ``paper``) keeps its maps bitwise. What the restart
