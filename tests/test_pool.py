@@ -3,6 +3,7 @@ packing into classifier batches, convergence, and an item's independence of its 
 
 import pytest
 import torch
+from torch import Tensor
 
 from hdm_lightning import masks as M
 from hdm_lightning.pool import (
@@ -213,6 +214,22 @@ def test_a_held_rate_stays_at_lr_then_decays_to_zero_by_the_horizon():
         MaskExplainer(SpotClassifier(), lr_hold=1.0)
 
 
+def push_then_pull(steps: int = 43, **step_options) -> tuple[Tensor, Tensor]:
+    """One 3×3 item: three steps of a large upward push on every element (the deletion term at the masks'
+    start), then a tiny downward pull (the sparsity term); element (0, 0) is pushed up throughout.
+    Returns the mask after the push and at the end."""
+    pool = MaskPool([3], capacity=1, init_value=0.5)
+    slot = pool.admit(Item(0, 0, 0, 0), 3)
+    mask = pool.masks["3"]
+    for step in range(steps):
+        mask.grad = torch.full_like(mask, -1.0 if step < 3 else 1e-3)
+        mask.grad[slot, 0, 0] = -1.0
+        pool.step(size_of, lr=0.05, clamp=True, **step_options)
+        if step == 2:
+            after_push = mask[slot].detach().clone()
+    return after_push, mask[slot].detach().clone()
+
+
 def test_shrink_lowers_an_element_that_adams_memory_of_a_large_gradient_holds():
     """``model.shrink`` (issue 7, stop 26): three steps of a large upward push (the deletion term at the
     masks' start), then 40 of a tiny downward one (the sparsity term). Adam's moments remember the large
@@ -220,44 +237,22 @@ def test_shrink_lowers_an_element_that_adams_memory_of_a_large_gradient_holds():
     moment shrinks every later step, so the element keeps rising (to 1.0 here). The shrink step,
     outside that scaling, brings it to 0. An element that a large gradient holds up stays at 1 either
     way."""
-    final = {}
-    for shrink in (0.0, 0.5):
-        pool = MaskPool([3], capacity=1, init_value=0.5)
-        slot = pool.admit(Item(0, 0, 0, 0), 3)
-        mask = pool.masks["3"]
-        for step in range(43):
-            held = -1.0  # a gradient that keeps element (0, 0) up throughout
-            push = -1.0 if step < 3 else 1e-3  # up, then the small sparsity gradient down
-            mask.grad = torch.full_like(mask, push)
-            mask.grad[slot, 0, 0] = held
-            pool.step(size_of, lr=0.05, clamp=True, shrink=shrink)
-        final[shrink] = mask[slot].detach().clone()
+    final = {shrink: push_then_pull(shrink=shrink)[1] for shrink in (0.0, 0.5)}
     assert final[0.0][1, 1] > 0.5  # measured: 0.65 after the push, 1.0 at the end
     assert final[0.5][1, 1] == 0.0
     assert final[0.0][0, 0] == final[0.5][0, 0] == 1.0
 
 
 def test_a_restart_forgets_the_large_gradients_of_the_first_steps():
-    """``model.adam_restart`` (issue 7, stop 29): the same three steps of a large push, then the tiny
-    pull. Adam started over after step 3 forgets the push: the pulled element falls to 0, while without
-    the restart it keeps rising; an element that a large gradient holds up stays at 1 either way. The
-    first three steps are Adam's own (the same mask after them), and the restarted steps are Adam's
-    from scratch on the mask they start from."""
-    final, after_push = {}, {}
-    for restart in (0, 3):
-        pool = MaskPool([3], capacity=1, init_value=0.5)
-        slot = pool.admit(Item(0, 0, 0, 0), 3)
-        mask = pool.masks["3"]
-        for step in range(43):
-            mask.grad = torch.full_like(mask, -1.0 if step < 3 else 1e-3)
-            mask.grad[slot, 0, 0] = -1.0
-            pool.step(size_of, lr=0.05, clamp=True, adam_restart=restart)
-            if step == 2:
-                after_push[restart] = mask[slot].detach().clone()
-            if restart and step == 3:  # the first step after the restart: Adam's first step, lr against the sign
-                assert mask[slot, 1, 1].item() == pytest.approx(after_push[restart][1, 1].item() - 0.05)
-        final[restart] = mask[slot].detach().clone()
-    torch.testing.assert_close(after_push[0], after_push[3])
+    """``model.deletion_restart`` (``MaskPool.step``'s ``adam_restart``; issue 7, stop 29): the same three
+    steps of a large push, then the tiny pull. Adam started over after step 3 forgets the push: the pulled
+    element falls to 0, while without the restart it keeps rising; an element that a large gradient holds
+    up stays at 1 either way. The first three steps are Adam's own (the same mask after them), and the
+    first restarted step is Adam's first: ``lr`` against the gradient's sign."""
+    after_push, final = zip(*(push_then_pull(adam_restart=restart) for restart in (0, 3)))
+    torch.testing.assert_close(after_push[0], after_push[1])
+    first_restarted = push_then_pull(steps=4, adam_restart=3)[1]
+    assert first_restarted[1, 1].item() == pytest.approx(after_push[1][1, 1].item() - 0.05)
     assert final[0][1, 1] > 0.5
-    assert final[3][1, 1] == 0.0
-    assert final[0][0, 0] == final[3][0, 0] == 1.0
+    assert final[1][1, 1] == 0.0
+    assert final[0][0, 0] == final[1][0, 0] == 1.0
