@@ -158,15 +158,18 @@ def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys)
     (fast,) = printed_presets(capsys, "fast")
     assert tuple(fast["model"][key] for key in TERMS) == (2.0, "mean", "log_odds")
     assert fast["model"]["deletion_restart"] == 0  # Adam never starts over (stop 29: photos' deletion AUC rose)
+    assert fast["model"]["map_floor"] == 0.05  # the fused map's floor may cost 5 % of the evidence (stop 30)
 
 
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
-    """``sufficient`` leaves the term out (the defaults before stop 28), ``deletion`` measures it in
-    logits; nothing else moves: data, trainer, schedule, the other model keys."""
+    """``sufficient`` leaves the term and the map's floor out (the defaults before stop 28, bitwise),
+    ``deletion`` measures the term in logits; nothing else moves: data, trainer, schedule, the other
+    model keys."""
     fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
     assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
+    assert sufficient["model"]["map_floor"] == 0.0
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
-    assert without_keys(sufficient, TERMS) == without_keys(fast, TERMS)
+    assert without_keys(sufficient, (*TERMS, "map_floor")) == without_keys(fast, (*TERMS, "map_floor"))
     assert without_keys(deletion, TERMS) == without_keys(fast, TERMS)
 
 
@@ -177,9 +180,10 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
     assert (sufficient["schedule"]["min_steps"], sufficient["schedule"]["max_steps"]) == (20, 40)
 
 
-def test_reference_presets_leave_the_deletion_term_out(capsys):
+def test_reference_presets_leave_the_deletion_term_and_the_floor_out(capsys):
     for config in printed_presets(capsys, "paper", "mdm"):
         assert config["model"]["deletion_weight"] == 0.0
+        assert config["model"]["map_floor"] == 0.0
 
 
 def test_cosine_horizon_is_linked_to_max_steps(tmp_path):
@@ -276,3 +280,15 @@ def test_a_folder_made_before_blur_keeps_and_the_deletion_term_is_accepted_where
     assert config_differences(before, now) == []
     now["model"]["deletion_weight"] = 0.25
     assert config_differences(before, now) == ["model.deletion_weight"]
+
+
+def test_a_folder_made_before_the_restart_and_the_floor_reads_them_as_off():
+    """A stored configuration without ``deletion_restart`` or ``map_floor`` (folders before stops 29 and
+    30) made its maps with both off: it equals today's run with them off and differs from the defaults'
+    floor in that one key."""
+    from hdm_lightning.cli import config_differences
+
+    before = {"model": {"deletion_weight": 2.0}}
+    assert config_differences(before, {"model": {"deletion_weight": 2.0, "deletion_restart": 0, "map_floor": 0.0}}) == []
+    assert config_differences(before, {"model": {"deletion_weight": 2.0, "deletion_restart": 0, "map_floor": 0.05}}) == [
+        "model.map_floor"]

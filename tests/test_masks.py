@@ -119,3 +119,36 @@ def test_smoothness_is_zero_on_constant_masks_and_pulls_a_spike_towards_its_neig
     assert spike.grad[0, 2, 2].item() == pytest.approx(16 / 25)
     assert spike.grad[0, 1, 2].item() == pytest.approx(-4 / 25)
     assert spike.grad[0, 0, 0].item() == 0
+
+
+def test_floor_map_cuts_the_faint_values_the_classifier_does_not_need():
+    """The object (0.6-1.0) carries the score, a context patch at 0.25 a little of it, the haze
+    (0.03-0.08) none: the floor cuts the haze and stops below the context, whose cut would cost
+    2 > 0.05 · 20 of the evidence; what stays is unchanged and the score returned is the cut map's."""
+    fused = torch.zeros(8, 8)
+    fused[:4, :4] = torch.linspace(0.6, 1.0, 16).view(4, 4)
+    fused[6:, 6:] = 0.25
+    fused[4:6] = 0.03 + 0.05 * torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
+
+    def score(kept):  # (k, 8, 8) -> (k,)
+        return 2 * kept[:, :4, :4].sum(dim=(1, 2)) + 2 * (kept[:, 6:, 6:] > 0).flatten(1).float().mean(dim=1)
+
+    cut, floor, kept = M.floor_map(fused, score, torch.tensor(20.0), 0.05)
+    assert floor == 0.2
+    assert torch.equal(cut[fused > floor], fused[fused > floor]) and (cut[fused <= floor] == 0).all()
+    assert cut[4:6].sum() == 0 and torch.equal(cut[6:, 6:], fused[6:, 6:])
+    assert torch.allclose(kept, score(cut[None]))
+    assert M.floor_map(fused, score, torch.tensor(20.0), 0.0)[:2] == (fused, 0.0)
+
+
+def test_floor_map_stops_at_the_first_level_that_costs_too_much():
+    """A score that drops when the values at 0.1 go and rises again once the 0.3 ones go too (a
+    classifier is not monotone in what it sees) keeps the floor below 0.1: the search never jumps
+    over a level that costs the class its evidence."""
+    fused = torch.tensor([[1.0, 0.3, 0.1, 0.0]])
+
+    def score(kept):
+        return 10 * kept[:, 0, 0] + 5 * (kept[:, 0, 2] > 0) - 8 * (kept[:, 0, 1] > 0)
+
+    cut, floor, _ = M.floor_map(fused, score, torch.tensor(10.0), 0.05)
+    assert floor == 0.05 and torch.equal(cut, fused)
