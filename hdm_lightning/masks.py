@@ -276,37 +276,39 @@ FLOOR_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 def floor_map(
-    fused: Tensor, score: Callable[[Tensor], Tensor], evidence: Tensor, tolerance: float,
-    levels: tuple[float, ...] = FLOOR_LEVELS,
+    fused: Tensor, score: Callable[[Tensor], Tensor], tolerance: float, levels: tuple[float, ...] = FLOOR_LEVELS,
 ) -> tuple[Tensor, float, Tensor]:
-    """The map ``(H, W)`` with every value below its floor set to 0; the floor; the score it keeps ``(1,)``.
+    """The map ``(H, W)`` with every value below its floor set to 0; the floor; the scores it keeps ``(v,)``.
 
     The masks leave a faint floor over regions the class does not need (the deletion term's first
     steps raise every element whose removal lowers the class at all, and the sparsity term does not
-    bring all of them back to 0 in the steps a level runs; issue 7). The floor is the highest of
-    ``levels``, tried from the lowest, up to which the map with its values at or below the level
-    set to 0 keeps the class's ``score`` (the image kept by the map on the substrate) within
-    ``tolerance`` of the evidence ``f_c(x) − f_c(x_0)`` of what the whole map keeps; the first level
-    that costs more ends the search. Values above the floor, and so their order, are unchanged;
-    ``tolerance`` 0 leaves the map as it is.
+    bring all of them back to 0 in the steps a level runs; issue 7). ``score`` maps kept images
+    ``(k, H, W)`` to the class's score in each of ``v`` views ``(k, v)`` (a substrate and a score:
+    what the masks kept, what the deletion term removed to). The floor is the highest of ``levels``,
+    tried from the lowest, up to which the map with its values at or below the level set to 0 keeps
+    every view's score within ``tolerance`` of that view's evidence (the score of the whole image
+    over that of nothing kept) of what the whole map keeps; the first level that costs more ends the
+    search. Values above the floor, and so their order, are unchanged; ``tolerance`` 0 leaves the
+    map as it is.
 
     Example:
         >>> fused = torch.tensor([[1.0, 0.3, 0.05, 0.0]])
-        >>> score = lambda kept: 10 * kept[:, 0, 0] + 2 * kept[:, 0, 1]  # pixel 2 holds a little evidence
-        >>> floor_map(fused, score, torch.tensor(10.0), 0.05)  # cutting pixel 2 would cost 0.6 > 0.05 · 10
-        (tensor([[1.0000, 0.3000, 0.0000, 0.0000]]), 0.2, tensor([10.6000]))
+        >>> score = lambda kept: (10 * kept[:, 0, 0] + 3 * kept[:, 0, 1])[:, None]  # pixel 2 holds a little
+        >>> floor_map(fused, score, 0.05)  # the evidence is 13; cutting pixel 2 would cost 0.9 > 0.05 · 13
+        (tensor([[1.0000, 0.3000, 0.0000, 0.0000]]), 0.2, tensor([10.9000]))
     """
-    kept = score(fused[None])
+    kept = score(fused[None])[0]
     if tolerance <= 0:
         return fused, 0.0, kept
-    allowed = kept - tolerance * evidence.clamp_min(MIN_EVIDENCE)
+    ends = score(torch.stack([torch.ones_like(fused), torch.zeros_like(fused)]))  # (2, v)
+    allowed = kept - tolerance * (ends[0] - ends[1]).clamp_min(MIN_EVIDENCE)
     floor, floored = 0.0, fused
     for level in levels:
-        candidate = fused * (fused > level)
         if level >= float(fused.max()):
             break
-        candidate_kept = score(candidate[None])
-        if bool(candidate_kept < allowed):
+        candidate = fused * (fused > level)
+        candidate_kept = score(candidate[None])[0]
+        if bool((candidate_kept < allowed).any()):
             break
         floor, floored, kept = level, candidate, candidate_kept
     return floored, floor, kept

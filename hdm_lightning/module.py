@@ -228,7 +228,9 @@ class MaskExplainer(LightningModule):
             faint floor over regions the class does not need, which takes the map's mass off the
             object (issue 7, scenes of several objects); the values up to the highest level whose
             cut keeps the score the map keeps within this share are set to 0, checked against the
-            classifier (up to 8 passes an image). The index row's ``floor`` says where it was cut.
+            classifier on the substrate and, with the deletion term, on its base in its score
+            (:meth:`floor_views`; up to 20 passes an image). The index row's ``floor`` says where it
+            was cut.
         chunk_size: most masked images per classifier forward (gradients accumulate over
             chunks); None sends every item in flight in one batch. Bounds memory.
         max_items: most items in flight (``engine.max_items``): the pool's rows per mask size.
@@ -687,9 +689,22 @@ class MaskExplainer(LightningModule):
         else:
             stages = torch.stack(state.stage_maps)
         with torch.no_grad():
-            score = partial(self.pass_score, state)
-            fused, floor, masked_logit = M.floor_map(fused, score, state.evidence, self.hparams.map_floor)
-        return {"map": fused, "stage_maps": stages, "masked_logit": masked_logit[0], "floor": floor}
+            fused, floor, kept = M.floor_map(fused, partial(self.floor_views, state), self.hparams.map_floor)
+        return {"map": fused, "stage_maps": stages, "masked_logit": kept[0], "floor": floor}
+
+    def floor_views(self, state: ImageState, kept: Tensor) -> Tensor:
+        """The target's scores on the images kept by ``kept`` ``(k, H, W)`` that the map's floor must not
+        lower, ``(k, v)``: on the current substrate in ``score`` (what the masks kept) and, with the
+        deletion term, on its base in its score (what the deletion term, and so the Average Drop and
+        the deletion AUC, remove to: the mean colour in log-odds at the defaults)."""
+        views = [self.pass_score(state, kept)]
+        if self.deletes_to_mean or self.deletion_kind is not None:
+            image = state.image[None]
+            base = torch.zeros_like(image) if self.deletes_to_mean else self.make_substrate(image, state.substrate)
+            target = torch.full((len(kept),), state.target, device=self.device)
+            kind = self.deletion_kind or self.score_of(0)
+            views.append(self.target_logit(M.apply_mask(image, kept, base), target, kind))
+        return torch.stack(views, dim=1)
 
     def pass_score(self, state: ImageState, kept: Tensor, kind: str | None = None) -> Tensor:
         """The target's score on the image kept by each of ``kept`` ``(k, H, W)`` on the current substrate, ``(k,)``."""

@@ -124,21 +124,34 @@ def test_smoothness_is_zero_on_constant_masks_and_pulls_a_spike_towards_its_neig
 def test_floor_map_cuts_the_faint_values_the_classifier_does_not_need():
     """The object (0.6-1.0) carries the score, a context patch at 0.25 a little of it, the haze
     (0.03-0.08) none: the floor cuts the haze and stops below the context, whose cut would cost
-    2 > 0.05 · 20 of the evidence; what stays is unchanged and the score returned is the cut map's."""
+    2 > 0.05 · 18 (the evidence: the whole image's score over nothing's); what stays is unchanged
+    and the score returned is the cut map's."""
     fused = torch.zeros(8, 8)
     fused[:4, :4] = torch.linspace(0.6, 1.0, 16).view(4, 4)
     fused[6:, 6:] = 0.25
     fused[4:6] = 0.03 + 0.05 * torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
 
-    def score(kept):  # (k, 8, 8) -> (k,)
-        return 2 * kept[:, :4, :4].sum(dim=(1, 2)) + 2 * (kept[:, 6:, 6:] > 0).flatten(1).float().mean(dim=1)
+    def score(kept):  # (k, 8, 8) -> (k, 1)
+        return (kept[:, :4, :4].sum(dim=(1, 2)) + 2 * (kept[:, 6:, 6:] > 0).flatten(1).float().mean(dim=1))[:, None]
 
-    cut, floor, kept = M.floor_map(fused, score, torch.tensor(20.0), 0.05)
+    cut, floor, kept = M.floor_map(fused, score, 0.05)
     assert floor == 0.2
     assert torch.equal(cut[fused > floor], fused[fused > floor]) and (cut[fused <= floor] == 0).all()
     assert cut[4:6].sum() == 0 and torch.equal(cut[6:, 6:], fused[6:, 6:])
-    assert torch.allclose(kept, score(cut[None]))
-    assert M.floor_map(fused, score, torch.tensor(20.0), 0.0)[:2] == (fused, 0.0)
+    assert torch.allclose(kept, score(cut[None])[0])
+    assert M.floor_map(fused, score, 0.0)[:2] == (fused, 0.0)
+
+
+def test_floor_map_keeps_what_any_view_needs():
+    """Two views of the same cut (the masks' substrate, the deletion term's mean colour): the haze
+    that the first view does not need but the second does stays."""
+    fused = torch.tensor([[1.0, 0.08, 0.0]])
+
+    def score(kept):
+        return torch.stack([10 * kept[:, 0, 0], 10 * kept[:, 0, 0] + 20 * kept[:, 0, 1]], dim=1)
+
+    assert M.floor_map(fused, score, 0.05)[1] == 0.05  # cutting 0.08 costs the second view 1.6 > 0.05 · 30
+    assert M.floor_map(fused, lambda kept: score(kept)[:, :1], 0.05)[1] == 0.5  # the first view alone cuts it
 
 
 def test_floor_map_stops_at_the_first_level_that_costs_too_much():
@@ -148,7 +161,7 @@ def test_floor_map_stops_at_the_first_level_that_costs_too_much():
     fused = torch.tensor([[1.0, 0.3, 0.1, 0.0]])
 
     def score(kept):
-        return 10 * kept[:, 0, 0] + 5 * (kept[:, 0, 2] > 0) - 8 * (kept[:, 0, 1] > 0)
+        return (10 * kept[:, 0, 0] + 5 * (kept[:, 0, 2] > 0) - 8 * (kept[:, 0, 1] > 0))[:, None]
 
-    cut, floor, _ = M.floor_map(fused, score, torch.tensor(10.0), 0.05)
+    cut, floor, _ = M.floor_map(fused, score, 0.05)
     assert floor == 0.05 and torch.equal(cut, fused)

@@ -83,6 +83,23 @@ def test_floor_cuts_the_haze_and_keeps_the_rest_of_the_map(images, tmp_path):
         assert spot_mass(cut) > 1.5 * spot_mass(hazy)
 
 
+@pytest.mark.parametrize("module, views", [({}, 2), (DELETION, 2), (SUFFICIENT, 1)])
+def test_floor_checks_what_the_masks_kept_and_what_the_deletion_term_removed_to(images, module, views):
+    """The floor's views: the image kept on the masks' substrate in ``score`` and, with the deletion
+    term, kept on the mean colour in the term's score (log-odds at the defaults); the whole image
+    kept scores the image's own logit in the first."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, **SMALL_MASKS, **module)
+    image, state = first_stage_of_spot0(model, images)
+    kept = torch.stack([torch.ones(SIZE, SIZE), torch.zeros(SIZE, SIZE)])
+    scores = model.floor_views(state, kept)
+    assert scores.shape == (2, views)
+    assert scores[0, 0] == pytest.approx(float(state.logit), abs=1e-5)
+    if views == 2:
+        kind = "log_odds" if module.get("deletion_score", "log_odds") == "log_odds" else "logit"
+        mean_colour = model.target_logit(torch.zeros_like(image)[None], torch.tensor([1]), kind)
+        assert scores[1, 1] == pytest.approx(float(mean_colour), abs=1e-5)
+
+
 def test_log_odds_score_keeps_what_sets_the_class_apart(tmp_path):
     """Issue 7: two squares each keep half of class 1's logit, but one raises class 2 more. Under
     ``model.score=log_odds`` the map lands on the square that sets class 1 apart; under ``logit`` it
