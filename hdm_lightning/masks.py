@@ -273,12 +273,15 @@ def cumulative(stage_maps: Tensor) -> Tensor:
 
 #: Values a map's floor is tried at (:func:`floor_map`), lowest first.
 FLOOR_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+#: What the values at or below the floor are multiplied by: their mass goes, their order stays.
+BELOW_FLOOR = 1e-3
 
 
 def floor_map(
     fused: Tensor, score: Callable[[Tensor], Tensor], tolerance: float, levels: tuple[float, ...] = FLOOR_LEVELS,
 ) -> tuple[Tensor, float, Tensor]:
-    """The map ``(H, W)`` with every value below its floor set to 0; the floor; the scores it keeps ``(v,)``.
+    """The map ``(H, W)`` with its values up to its floor scaled by :data:`BELOW_FLOOR`; the floor; the
+    scores it keeps ``(v,)``.
 
     The masks leave a faint floor over regions the class does not need (the deletion term's first
     steps raise every element whose removal lowers the class at all, and the sparsity term does not
@@ -288,14 +291,17 @@ def floor_map(
     tried from the lowest, up to which the map with its values at or below the level set to 0 keeps
     every view's score within ``tolerance`` of that view's evidence (the score of the whole image
     over that of nothing kept) of what the whole map keeps; the first level that costs more ends the
-    search. Values above the floor, and so their order, are unchanged; ``tolerance`` 0 leaves the
-    map as it is.
+    search. Values above the floor are unchanged and the map's order of pixels is kept: a map is read
+    both as mass (the energy in a box, Average Drop) and as a ranking (deletion and insertion AUC),
+    and the faint values still rank what the masks found there (cut to 0 they tie, and the curves
+    follow the raster order: on seven photos insertion fell from 0.360 to 0.350). ``tolerance`` 0
+    leaves the map as it is.
 
     Example:
         >>> fused = torch.tensor([[1.0, 0.3, 0.05, 0.0]])
         >>> score = lambda kept: (10 * kept[:, 0, 0] + 3 * kept[:, 0, 1])[:, None]  # pixel 2 holds a little
         >>> floor_map(fused, score, 0.05)  # the evidence is 13; cutting pixel 2 would cost 0.9 > 0.05 · 13
-        (tensor([[1.0000, 0.3000, 0.0000, 0.0000]]), 0.2, tensor([10.9000]))
+        (tensor([[1.0000e+00, 3.0000e-01, 5.0000e-05, 0.0000e+00]]), 0.2, tensor([10.9000]))
     """
     kept = score(fused[None])[0]
     if tolerance <= 0:
@@ -306,7 +312,7 @@ def floor_map(
     for level in levels:
         if level >= float(fused.max()):
             break
-        candidate = fused * (fused > level)
+        candidate = torch.where(fused > level, fused, BELOW_FLOOR * fused)
         candidate_kept = score(candidate[None])[0]
         if bool((candidate_kept < allowed).any()):
             break
