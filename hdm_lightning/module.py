@@ -223,14 +223,16 @@ class MaskExplainer(LightningModule):
         fusion: how stage maps are fused; None means :class:`EvidenceFusion` (stage 1 whole, each
             later stage weighted by the evidence its regions add); :class:`SumFusion` is the
             reference's equal sum.
-        map_floor: how much of the class's evidence ``f_c(x) − f_c(x_0)`` the fused map's floor may cost
-            (:func:`~hdm_lightning.masks.floor_map`); 0 leaves the map as fused. The masks leave a
-            faint floor over regions the class does not need, which takes the map's mass off the
-            object (issue 7, scenes of several objects); the values up to the highest level whose
-            cut keeps the score the map keeps within this share are set to 0, checked against the
-            classifier on the substrate and, with the deletion term, on its base in its score
-            (:meth:`floor_views`; up to 20 passes an image). The index row's ``floor`` says where it
-            was cut.
+        map_floor: how much of the class's evidence the fused map's floor may cost
+            (:func:`~hdm_lightning.masks.floor_map`; 0, the default, leaves the map as fused). The
+            values up to the highest level whose cut keeps every view's score within this share of
+            the view's evidence are scaled by 1e-3 (their mass goes, the map's order of pixels
+            stays), checked against the classifier on the masks' substrate and, with the deletion
+            term, on its mean colour in log-odds (:meth:`floor_views`; up to 20 passes an image).
+            The index row's ``floor`` says where it was cut. The faint values the deletion term
+            leaves over a scene are evidence in that second view, so at 0.05 the floor is low
+            (0.02-0.1) and the mosaics' share in the class's tile moves from 0.470 to 0.482 only
+            (issue 7, stop 30: docs/experiments.md, "The map's floor").
         chunk_size: most masked images per classifier forward (gradients accumulate over
             chunks); None sends every item in flight in one batch. Bounds memory.
         max_items: most items in flight (``engine.max_items``): the pool's rows per mask size.
@@ -279,7 +281,7 @@ class MaskExplainer(LightningModule):
         blur_fade: float = 0.0,
         target_policy: TargetPolicy | None = None,
         fusion: Fusion | None = None,
-        map_floor: float = 0.05,
+        map_floor: float = 0.0,
         chunk_size: int | None = None,
         max_items: int = 16,
         compile: bool = False,
@@ -696,9 +698,10 @@ class MaskExplainer(LightningModule):
         """The target's scores on the images kept by ``kept`` ``(k, H, W)`` that the map's floor must not
         lower, ``(k, v)``: on the current substrate in ``score`` (what the masks kept) and, with the
         deletion term, on its base in its score (what the deletion term, and so the Average Drop and
-        the deletion AUC, remove to: the mean colour in log-odds at the defaults)."""
+        the deletion AUC, remove to: the mean colour in log-odds at the defaults); without a floor
+        the first only (the masked logit of the index row)."""
         views = [self.pass_score(state, kept)]
-        if self.deletes_to_mean or self.deletion_kind is not None:
+        if self.hparams.map_floor and (self.deletes_to_mean or self.deletion_kind is not None):
             image = state.image[None]
             base = torch.zeros_like(image) if self.deletes_to_mean else self.make_substrate(image, state.substrate)
             target = torch.full((len(kept),), state.target, device=self.device)

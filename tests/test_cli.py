@@ -158,18 +158,16 @@ def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys)
     (fast,) = printed_presets(capsys, "fast")
     assert tuple(fast["model"][key] for key in TERMS) == (2.0, "mean", "log_odds")
     assert fast["model"]["deletion_restart"] == 0  # Adam never starts over (stop 29: photos' deletion AUC rose)
-    assert fast["model"]["map_floor"] == 0.05  # the fused map's floor may cost 5 % of the evidence (stop 30)
+    assert fast["model"]["map_floor"] == 0.0  # the map as fused (stop 30: the floor that keeps Average Drop barely cuts)
 
 
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
-    """``sufficient`` leaves the term and the map's floor out (the defaults before stop 28, bitwise),
-    ``deletion`` measures the term in logits; nothing else moves: data, trainer, schedule, the other
-    model keys."""
+    """``sufficient`` leaves the term out (the defaults before stop 28), ``deletion`` measures it in
+    logits; nothing else moves: data, trainer, schedule, the other model keys."""
     fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
     assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
-    assert sufficient["model"]["map_floor"] == 0.0
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
-    assert without_keys(sufficient, (*TERMS, "map_floor")) == without_keys(fast, (*TERMS, "map_floor"))
+    assert without_keys(sufficient, TERMS) == without_keys(fast, TERMS)
     assert without_keys(deletion, TERMS) == without_keys(fast, TERMS)
 
 
@@ -284,8 +282,8 @@ def test_a_folder_made_before_blur_keeps_and_the_deletion_term_is_accepted_where
 
 def test_a_folder_made_before_the_restart_and_the_floor_reads_them_as_off():
     """A stored configuration without ``deletion_restart`` or ``map_floor`` (folders before stops 29 and
-    30) made its maps with both off: it equals today's run with them off and differs from the defaults'
-    floor in that one key."""
+    30) made its maps with both off, as today's defaults do: it equals today's run with them off and
+    differs from a run with a floor in that one key."""
     from hdm_lightning.cli import config_differences
 
     before = {"model": {"deletion_weight": 2.0}}

@@ -107,7 +107,7 @@ def test_evidence_fusion_scores_the_stages_removal_as_the_stages_do():
             self.removal = removal
             return super().__call__(stage_maps, score, reference, removal)
 
-    model = MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.5, fusion=Recording(), map_floor=0.0)
+    model = MaskExplainer(classifier=RegionClassifier(), removal_threshold=0.5, fusion=Recording())
     image = torch.rand(3, 32, 32)
     state = ImageState(0, "x", "x", 0, image, 1, model.target_logit(image[None], torch.tensor([1]))[0],
                        stage_maps=[stages[0][0], stages[1][0]])
