@@ -236,7 +236,7 @@ class HDMSchedule(Callback):
             "class_name": names[state.target] if names and state.target < len(names) else str(state.target),
             "logit": float(state.logit),
             "masked_logit": float(fused["masked_logit"]),
-            "floor": fused["floor"],  # the fused map's values up to it were set to 0 (``model.map_floor``)
+            "floor": fused["floor"],  # the fused map's values up to it were scaled by 1e-3 (``model.map_floor``)
             "stages": len(fused["stage_maps"]),
             "substrate": "+".join([*state.pass_substrates, state.substrate or pl_module.hparams.substrate]),
             "steps": state.steps,

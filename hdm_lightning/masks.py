@@ -283,13 +283,14 @@ def floor_map(
     """The map ``(H, W)`` with its values up to its floor scaled by :data:`BELOW_FLOOR`; the floor; the
     scores it keeps ``(v,)``.
 
-    The masks leave a faint floor over regions the class does not need (the deletion term's first
-    steps raise every element whose removal lowers the class at all, and the sparsity term does not
-    bring all of them back to 0 in the steps a level runs; issue 7). ``score`` maps kept images
+    The masks leave a faint floor over the image (the deletion term's first steps raise every element
+    whose removal lowers the class at all, and the sparsity term does not bring all of them back to
+    0 in the steps a level runs; issue 7); where the classifier shows it does not need it, its mass
+    only takes the map's mass off the object. ``score`` maps kept images
     ``(k, H, W)`` to the class's score in each of ``v`` views ``(k, v)`` (a substrate and a score:
     what the masks kept, what the deletion term removed to). The floor is the highest of ``levels``,
-    tried from the lowest, up to which the map with its values at or below the level set to 0 keeps
-    every view's score within ``tolerance`` of that view's evidence (the score of the whole image
+    tried from the lowest, up to which the map with its values at or below the level scaled by
+    :data:`BELOW_FLOOR` keeps every view's score within ``tolerance`` of that view's evidence (the score of the whole image
     over that of nothing kept) of what the whole map keeps; the first level that costs more ends the
     search. Values above the floor are unchanged and the map's order of pixels is kept: a map is read
     both as mass (the energy in a box, Average Drop) and as a ranking (deletion and insertion AUC),

@@ -679,7 +679,7 @@ class MaskExplainer(LightningModule):
         (``later_score``: the score their masks kept); the masked logit is in ``score``, on the
         last pass's substrate. Under ``substrate: both`` the map is the min-max of the mean of the
         passes' maps, and stage ``t``'s map the mean of the passes' stage ``t`` maps. Last, the
-        values below the map's floor are set to 0 (``map_floor``); ``floor`` is where it was cut.
+        values up to the map's floor are scaled down (``map_floor``); ``floor`` is where it was cut.
         """
         fused = self.fuse_pass(state)
         if state.pass_maps:

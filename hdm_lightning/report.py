@@ -162,7 +162,7 @@ def image_section(entry: Entry) -> str:
     ratio = kept_ratio(row)
     fields = [("class", f"{row['class_name']} ({row['target']})"), ("logit", row["logit"]),
               ("kept by the map", row["masked_logit"]), ("kept share", "–" if ratio is None else f"{100 * ratio:.0f} %"),
-              ("map floor", row.get("floor", "–")),  # values up to it set to 0 (model.map_floor)
+              ("map floor", row.get("floor", "–")),  # values up to it scaled by 1e-3 (model.map_floor)
               ("stages", row.get("stages", "–")), ("steps", row["steps"]), ("seconds", row["seconds"]),
               ("image", row["image"])]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{cell(v)}</td></tr>" for k, v in fields)
