@@ -228,7 +228,7 @@ class MaskExplainer(LightningModule):
             values up to the highest level whose cut keeps every view's score within this share of
             the view's evidence are scaled by 1e-3 (their mass goes, the map's order of pixels
             stays), checked against the classifier on the masks' substrate and, with the deletion
-            term, on its mean colour in log-odds (:meth:`floor_views`; up to 20 passes an image).
+            term, on its mean colour in log-odds (:meth:`floor_views`; up to 22 passes an image).
             The index row's ``floor`` says where it was cut. The faint values the deletion term
             leaves over a scene are evidence in that second view, so at 0.05 the floor is low
             (0.02-0.1) and the mosaics' share in the class's tile moves from 0.470 to 0.482 only
