@@ -702,19 +702,17 @@ class MaskExplainer(LightningModule):
         the first only (the masked logit of the index row)."""
         views = [self.pass_score(state, kept)]
         if self.hparams.map_floor and (self.deletes_to_mean or self.deletion_kind is not None):
-            image = state.image[None]
-            base = torch.zeros_like(image) if self.deletes_to_mean else self.make_substrate(image, state.substrate)
-            target = torch.full((len(kept),), state.target, device=self.device)
-            kind = self.deletion_kind or self.score_of(0)
-            views.append(self.target_logit(M.apply_mask(image, kept, base), target, kind))
+            mean_colour = torch.zeros_like(state.image[None]) if self.deletes_to_mean else None
+            views.append(self.pass_score(state, kept, self.deletion_kind or self.score_of(0), mean_colour))
         return torch.stack(views, dim=1)
 
-    def pass_score(self, state: ImageState, kept: Tensor, kind: str | None = None) -> Tensor:
-        """The target's score on the image kept by each of ``kept`` ``(k, H, W)`` on the current substrate, ``(k,)``."""
+    def pass_score(self, state: ImageState, kept: Tensor, kind: str | None = None, base: Tensor | None = None) -> Tensor:
+        """The target's score on the image kept by each of ``kept`` ``(k, H, W)`` on ``base`` (None: the
+        current substrate), ``(k,)``."""
         image = state.image[None]
         target = torch.full((len(kept),), state.target, device=self.device)
-        substrate = self.make_substrate(image, state.substrate)
-        return self.target_logit(M.apply_mask(image, kept, substrate), target, kind)
+        base = self.make_substrate(image, state.substrate) if base is None else base
+        return self.target_logit(M.apply_mask(image, kept, base), target, kind)
 
     def fuse_pass(self, state: ImageState) -> Tensor:
         """The fused map of the current pass's stages, ``(H, W)``."""
