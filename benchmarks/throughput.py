@@ -3,11 +3,14 @@
 One run, one model (EfficientNet-Lite0 by default), one image size, real photos:
 
 (a) floor: the frozen classifier's forward + backward w.r.t. the input, image-passes per second, at
-    the engine's batch size (the mean number of masked images per step of the run);
+    the engine's batch size (the mean number of masked images per step of the run); and the *shadow*
+    floor: the same passes on exactly the batch sizes each training step sent, timed right after that
+    step (a fixed batch at the mean misses what the pool's changing batches cost, and a floor timed
+    apart from the run reads the machine's drift; ``--rounds`` repeats the runs);
 (b) HDM's useful passes per second (masked images of items still optimising) and all passes per
     second (every masked image sent through the classifier), over the whole run (checks, stage
     changes, fusion and writing the maps included);
-(c) their ratios to the floor;
+(c) their ratios to the floors (per round, and the median over ``--rounds``);
 (d) the share of the run's time spent outside the classifier: forward and backward hooks on the
     classifier time every pass through it (CPU: synchronous, so wall time is exact); over the whole
     run, and over the training steps alone (the issue's "share of a step": the masks, the losses and
@@ -51,14 +54,20 @@ PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "matplotlib:
 
 
 class ClassifierClock:
-    """Wall time inside the classifier: forward hooks and full backward hooks."""
+    """Wall time inside the classifier: forward hooks and full backward hooks. ``batches``: the batch
+    size of every forward pass made inside a training step (``in_step``), which the shadow floor repeats."""
 
     def __init__(self, classifier: torch.nn.Module) -> None:
-        self.seconds, self.started = 0.0, {}
-        classifier.register_forward_pre_hook(lambda m, i: self.start("forward"))
+        self.seconds, self.started, self.in_step, self.batches = 0.0, {}, False, []
+        classifier.register_forward_pre_hook(self.forward_starts)
         classifier.register_forward_hook(lambda m, i, o: self.stop("forward"))
         classifier.register_full_backward_pre_hook(lambda m, g: self.start("backward"))
         classifier.register_full_backward_hook(lambda m, gi, go: self.stop("backward"))
+
+    def forward_starts(self, module, inputs) -> None:
+        if self.in_step:
+            self.batches.append(int(inputs[0].shape[0]))
+        self.start("forward")
 
     def start(self, phase: str) -> None:
         self.started[phase] = time.perf_counter()
@@ -78,9 +87,11 @@ class StepClock:
 
         def timed(*args, **kwargs):
             start, inside = time.perf_counter(), clock.seconds
+            clock.in_step = True
             try:
                 return step(*args, **kwargs)
             finally:
+                clock.in_step = False
                 self.seconds += time.perf_counter() - start
                 self.classifier_seconds += clock.seconds - inside
 
@@ -106,6 +117,44 @@ class Passes(Callback):
             self.passes += int(active.any(dim=1).sum()) * active.shape[1]
             self.useful += int(active.sum())
         self.steps += 1
+
+
+class Shadow(Callback):
+    """The floor measured beside the work: after each training step, the classifier passes the step made
+    (their batch sizes, from ``ClassifierClock.batches``) again on random images through a frozen copy
+    of the classifier, forward + backward w.r.t. the input, timed. A floor timed apart from the run
+    reads the machine's drift (this 2-core machine's speed moves by 20 % within a minute); step by step
+    the two see the same machine. The run's own time is its wall time less ``seconds``."""
+
+    def __init__(self, clock: ClassifierClock, args) -> None:
+        from hdm_lightning.models import freeze
+
+        self.clock, self.seen, self.seconds, self.passes = clock, 0, 0.0, 0
+        self.device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+        self.classifier = freeze(build_classifier(args.classifier)).to(self.device)
+        if args.shadow_hooks:  # the run's timing hooks on the shadow too: what do they cost?
+            ClassifierClock(self.classifier)
+        self.size, self.low, self.inputs = args.size, args.precision.startswith("bf16"), {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        batches, self.seen = self.clock.batches[self.seen:], len(self.clock.batches)
+        for b in batches:
+            if b not in self.inputs:  # a new shape: made and passed once untimed (warm-up)
+                self.inputs[b] = torch.randn(b, 3, self.size, self.size, device=self.device, requires_grad=True)
+                self.pass_(self.inputs[b])
+        synchronise(self.device)
+        start = time.perf_counter()
+        for b in batches:
+            self.pass_(self.inputs[b])
+        synchronise(self.device)
+        self.seconds += time.perf_counter() - start
+        self.passes += sum(batches)
+
+    def pass_(self, images: torch.Tensor) -> None:
+        images.grad = None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low):
+            logits = self.classifier(images)
+        logits[:, 0].float().sum().backward()
 
 
 def photos(folder: Path, count: int) -> str:
@@ -150,20 +199,21 @@ def run_engine(engine: str, schedule: str, args) -> dict:
         data = ExplanationDataModule(photos(Path(folder), args.images), image_size=args.size,
                                      batch_size=args.in_flight or args.images)
         passes = Passes(engine)
-        callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes]
+        shadow = Shadow(clock, args)
+        callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes, shadow]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, max_epochs=-1 if engine == "new" else 1, callbacks=callbacks)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - shadow.seconds  # the run's own time, without its shadow
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"engine": engine, "schedule": schedule, "seconds": seconds, "steps": passes.steps,
             "passes": passes.passes, "useful": passes.useful, "classifier_seconds": clock.seconds,
             "step_seconds": steps.seconds, "step_classifier_seconds": steps.classifier_seconds,
             "batch": passes.passes / max(1, passes.steps), "images_per_s": args.images / seconds,
-            "peak_gib": peak}
+            "peak_gib": peak, "shadow_floor": shadow.passes / max(shadow.seconds, 1e-9), "shadowed": shadow.passes}
 
 
 def floor(batch: int, args) -> float:
@@ -212,41 +262,41 @@ def main() -> None:
     parser.add_argument("--chunk_size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="batches in each of the three timed blocks of the floor")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each schedule, each followed by its floors")
     parser.add_argument("--compare", type=Path, default=None, help="a checkout of the old engine to run as well")
     parser.add_argument("--classifier", default="efficientnet_lite0", help="efficientnet_lite0 or a torchvision name")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile (new engine)")
     parser.add_argument("--channels_last", action="store_true", help="model.channels_last (new engine)")
+    parser.add_argument("--shadow_hooks", action="store_true", help="time the shadow floor with the run's hooks on")
     parser.add_argument("--paper", action="store_true", help="add the paper preset's own schedule (GPU)")
     args = parser.parse_args()
     if args.paper:
         args.schedules = [*args.schedules, "paper"]
     torch.set_num_threads(args.threads)
     rows = []
-    for schedule in args.schedules:  # each row printed once measured: a run stopped early keeps them
-        rows.append(run_engine(args.engine, schedule, args))
-        if args.engine == "new":
-            print(json.dumps(with_floor(rows[-1], args)), flush=True)
-    if args.engine == "old":  # a subprocess of --compare: raw rows for the parent
-        for row in rows:
-            print(json.dumps(row), flush=True)
+    for round_ in range(args.rounds):  # each row printed once measured: a run stopped early keeps them
+        for schedule in args.schedules:
+            rows.append({**with_floor(run_engine(args.engine, schedule, args), args), "round": round_})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.engine == "old":  # a subprocess of --compare: its rows went to the parent on stdout
         return
     if args.compare is not None:
         command = [sys.executable, __file__, "--engine", "old", *sys.argv[1:]]
         command = [c for i, c in enumerate(command) if c != "--compare" and command[i - 1] != "--compare"]
         environment = {**os.environ, "PYTHONPATH": str(args.compare), "HDM_ROOT": str(args.compare)}
         done = subprocess.run(command, cwd=args.compare, env=environment, capture_output=True, text=True, check=True)
-        for line in done.stdout.splitlines():
-            if line.startswith("{"):
-                rows.append(with_floor(json.loads(line), args))
-                print(json.dumps(rows[-1]), flush=True)
+        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     print_table(rows)
+    print_medians(rows)
 
 
 def with_floor(row: dict, args) -> dict:
-    """``row`` with the floor at its mean batch (measured now, right after the run) and the ratios to it."""
+    """``row`` with the floor at its mean batch (measured now, right after the run) and the ratios to it
+    and to the shadow floor (measured during the run)."""
     row["floor"] = floor(max(1, round(row["batch"])), args)
+    row["useful_to_shadow"] = row["useful"] / row["seconds"] / row["shadow_floor"]
     row["useful_per_s"], row["all_per_s"] = row["useful"] / row["seconds"], row["passes"] / row["seconds"]
     row["useful_to_floor"], row["all_to_floor"] = row["useful_per_s"] / row["floor"], row["all_per_s"] / row["floor"]
     row["outside_share"] = 1 - row["classifier_seconds"] / row["seconds"]
@@ -255,15 +305,31 @@ def with_floor(row: dict, args) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| engine | schedule | steps | mean batch | floor (img/s) | useful passes/s | all passes/s "
-          "| useful/floor | all/floor | outside classifier: run | in steps | images/s | peak GiB | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| engine | schedule | round | steps | mean batch | floor (img/s) | shadow floor (img/s) | useful passes/s "
+          "| all passes/s | useful/floor | useful/shadow | all/floor | outside classifier: run | in steps | images/s "
+          "| peak GiB | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['schedule']} | {r['steps']} | {r['batch']:.1f} | {r['floor']:.1f} | "
-              f"{r['useful_per_s']:.1f} | {r['all_per_s']:.1f} | {r['useful_to_floor']:.2f} | {r['all_to_floor']:.2f} | "
+        print(f"| {r['engine']} | {r['schedule']} | {r.get('round', 0)} | {r['steps']} | {r['batch']:.1f} | "
+              f"{r['floor']:.1f} | {r['shadow_floor']:.1f} | {r['useful_per_s']:.1f} | {r['all_per_s']:.1f} | "
+              f"{r['useful_to_floor']:.2f} | {r['useful_to_shadow']:.2f} | {r['all_to_floor']:.2f} | "
               f"{100 * r['outside_share']:.1f} % | {100 * r['outside_step_share']:.1f} % | "
               f"{r.get('images_per_s', float('nan')):.3f} | "
               f"{r.get('peak_gib', float('nan')):.2f} | {r['seconds']:.0f} |")
+
+
+
+def print_medians(rows: list[dict]) -> None:
+    """Per engine and schedule, the median over rounds of useful passes against each floor."""
+    print("\n| engine | schedule | rounds | useful/floor (median, range) | useful/shadow (median, range) |")
+    print("|---|---|---|---|---|")
+    for key in dict.fromkeys((r["engine"], r["schedule"]) for r in rows):
+        group = [r for r in rows if (r["engine"], r["schedule"]) == key]
+        cells = []
+        for ratio in ("useful_to_floor", "useful_to_shadow"):
+            values = sorted(r[ratio] for r in group)
+            cells.append(f"{values[len(values) // 2]:.2f} ({values[0]:.2f}–{values[-1]:.2f})")
+        print(f"| {key[0]} | {key[1]} | {len(group)} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
