@@ -6,7 +6,8 @@ One run, one model (EfficientNet-Lite0 by default), one image size, real photos:
     the engine's batch size (the mean number of masked images per step of the run); and the *shadow*
     floor: the same passes on exactly the batch sizes each training step sent, timed right after that
     step (a fixed batch at the mean misses what the pool's changing batches cost, and a floor timed
-    apart from the run reads the machine's drift; ``--rounds`` repeats the runs);
+    apart from the run reads the machine's drift; on with ``--shadow``, which synchronises after every
+    step); ``--rounds`` repeats the runs;
 (b) HDM's useful passes per second (masked images of items still optimising) and all passes per
     second (every masked image sent through the classifier), over the whole run (checks, stage
     changes, fusion and writing the maps included);
@@ -199,21 +200,22 @@ def run_engine(engine: str, schedule: str, args) -> dict:
         data = ExplanationDataModule(photos(Path(folder), args.images), image_size=args.size,
                                      batch_size=args.in_flight or args.images)
         passes = Passes(engine)
-        shadow = Shadow(clock, args)
-        callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes, shadow]
+        shadow = Shadow(clock, args) if args.shadow else None
+        callbacks = [HDMSchedule(folder, stages=args.stages, **SCHEDULES[schedule]), MapWriter(folder), passes,
+                     *([shadow] if shadow else [])]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, max_epochs=-1 if engine == "new" else 1, callbacks=callbacks)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
-        seconds = time.perf_counter() - start - shadow.seconds  # the run's own time, without its shadow
+        seconds = time.perf_counter() - start - (shadow.seconds if shadow else 0.0)  # without its shadow
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"engine": engine, "schedule": schedule, "seconds": seconds, "steps": passes.steps,
             "passes": passes.passes, "useful": passes.useful, "classifier_seconds": clock.seconds,
             "step_seconds": steps.seconds, "step_classifier_seconds": steps.classifier_seconds,
             "batch": passes.passes / max(1, passes.steps), "images_per_s": args.images / seconds,
-            "peak_gib": peak, "shadow_floor": shadow.passes / max(shadow.seconds, 1e-9), "shadowed": shadow.passes}
+            "peak_gib": peak, "shadow_floor": shadow.passes / shadow.seconds if shadow else float("nan")}
 
 
 def floor(batch: int, args) -> float:
@@ -269,6 +271,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile (new engine)")
     parser.add_argument("--channels_last", action="store_true", help="model.channels_last (new engine)")
+    parser.add_argument("--shadow", action="store_true",
+                        help="time the shadow floor (synchronises after every step: for CPUs, or a GPU's floor only)")
     parser.add_argument("--shadow_hooks", action="store_true", help="time the shadow floor with the run's hooks on")
     parser.add_argument("--paper", action="store_true", help="add the paper preset's own schedule (GPU)")
     args = parser.parse_args()
