@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -332,7 +333,7 @@ def print_medians(rows: list[dict]) -> None:
         cells = []
         for ratio in ("useful_to_floor", "useful_to_shadow"):
             values = sorted(r[ratio] for r in group)
-            cells.append(f"{values[len(values) // 2]:.2f} ({values[0]:.2f}–{values[-1]:.2f})")
+            cells.append(f"{statistics.median(values):.2f} ({values[0]:.2f}–{values[-1]:.2f})")
         print(f"| {key[0]} | {key[1]} | {len(group)} | {cells[0]} | {cells[1]} |")
 
 
