@@ -137,12 +137,15 @@ class Shadow(Callback):
         if args.shadow_hooks:  # the run's timing hooks on the shadow too: what do they cost?
             ClassifierClock(self.classifier)
         self.size, self.low, self.inputs = args.size, args.precision.startswith("bf16"), {}
+        self.layout = torch.channels_last if args.channels_last else torch.contiguous_format  # as the run's
+        self.classifier.to(memory_format=self.layout)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         batches, self.seen = self.clock.batches[self.seen:], len(self.clock.batches)
         for b in batches:
             if b not in self.inputs:  # a new shape: made and passed once untimed (warm-up)
-                self.inputs[b] = torch.randn(b, 3, self.size, self.size, device=self.device, requires_grad=True)
+                self.inputs[b] = torch.randn(b, 3, self.size, self.size, device=self.device).contiguous(
+                    memory_format=self.layout).requires_grad_()
                 self.pass_(self.inputs[b])
         synchronise(self.device)
         start = time.perf_counter()

@@ -634,6 +634,31 @@ def test_deletion_term_is_the_squared_share_of_the_evidence_left():
     torch.testing.assert_close(with_term - without, torch.tensor([2.0, 0.5, 0.0]))  # 2 (4/4)², 2 (2/4)², 0
 
 
+def test_each_pass_backpropagated_at_once_gives_the_gradients_of_one_backward(images, tmp_path):
+    """Issue 8: a step backpropagates the kept images' pass before it makes the deletion term's pass
+    (two graphs held at once were slower); the masks' gradients and the losses are those of one
+    backward of the whole loss."""
+    model, data, trainer = build(images, tmp_path / "run", batch_size=2, module={"deletion_weight": 2.0},
+                                 trainer={"max_steps": 3})
+    trainer.fit(model, datamodule=data)
+    (chunk,) = model.pool.chunks(model.size_of, None)
+    masks = [mask for mask in model.pool.masks.values() if mask.grad is not None]  # the sizes in flight
+    assert masks
+    for mask in masks:
+        mask.grad = None
+    joint = model.chunk_losses(chunk)
+    joint.sum().backward()
+    expected = [mask.grad.clone() for mask in masks]
+    for mask in masks:
+        mask.grad = None
+    each = model.chunk_losses(chunk, backward=lambda loss, **kwargs: loss.backward(**kwargs))
+    assert not each.requires_grad
+    torch.testing.assert_close(each, joint.detach())
+    assert any(float(g.abs().max()) > 0 for g in expected)
+    for mask, grad in zip(masks, expected):
+        torch.testing.assert_close(mask.grad, grad, rtol=1e-5, atol=1e-7)
+
+
 def test_smoothness_term_adds_each_items_own_roughness_to_its_loss():
     losses = []
     rough = torch.zeros(1, 4, 4)
