@@ -395,8 +395,8 @@ class MaskExplainer(LightningModule):
         With ``backward`` (``manual_backward``) each classifier pass is backpropagated as soon as its
         loss is known, down to the kept masks ``Up(P_l)``, whose gradient then goes to the masks once,
         and the losses come back detached: a step that held the kept images' graph and the deletion
-        term's until one backward ran 5-16 % slower on a 2-core CPU (batches of 2-4,
-        EfficientNet-Lite0 at 224 px; issue 8) and held twice the activations.
+        term's until one backward ran 2-21 % slower on a 2-core CPU (batches of 2-8,
+        EfficientNet-Lite0 at 224 px; ``benchmarks/pass_order.py``) and held twice the activations.
         """
         images = self.item_image[self.pool.slots(chunk)]  # (k,)
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
