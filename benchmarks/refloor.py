@@ -28,12 +28,12 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hdm_lightning.data import load_pixels, to_tensor  # noqa: E402
+from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD, load_pixels, to_tensor  # noqa: E402
 from hdm_lightning.geometry import frame, map_to_model, map_to_original  # noqa: E402
 from hdm_lightning.models import EfficientNetLite  # noqa: E402
 from hdm_lightning.module import ImageState, MaskExplainer  # noqa: E402
 
-SIZE, MEAN, STD = 224, torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+SIZE, MEAN, STD = 224, torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
 
 def instance(spec: dict):

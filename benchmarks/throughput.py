@@ -326,7 +326,6 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('peak_gib', float('nan')):.2f} | {r['seconds']:.0f} |")
 
 
-
 def print_medians(rows: list[dict]) -> None:
     """Per engine and schedule, the median over rounds of useful passes against each floor."""
     print("\n| engine | schedule | rounds | useful/floor (median, range) | useful/shadow (median, range) |")

@@ -401,8 +401,7 @@ class MaskExplainer(LightningModule):
         images = self.item_image[self.pool.slots(chunk)]  # (k,)
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             kept = self.pool.kept(chunk, self.stage_input.shape[-2:])  # (k, H, W)
-        up = kept if backward is None else kept.detach().requires_grad_()  # the passes' graphs end here
-        with torch.autocast(self.device.type, enabled=False):
+            up = kept if backward is None else kept.detach().requires_grad_()  # the passes' graphs end here
             masked = M.apply_mask(self.stage_input[images], up, self.substrate[images])  # (k, C, H, W)
         kind = self.log_odds[images] if self.mixed_scores else None  # per row only where stages differ
         losses = self.item_losses(self.target_logit(masked, self.target[images], kind),
