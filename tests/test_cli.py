@@ -178,6 +178,14 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
     assert (sufficient["schedule"]["min_steps"], sufficient["schedule"]["max_steps"]) == (20, 40)
 
 
+def test_scenes_preset_is_the_defaults_with_the_deletion_term_warmed_up_at_twice_the_rate(capsys):
+    """Only the rate and the warm-up move (issue 7, stop 34), so the passes stay the defaults'."""
+    fast, scenes = printed_presets(capsys, "fast", "scenes")
+    assert (fast["model"]["lr"], fast["model"]["deletion_warmup"]) == (0.05, 0)
+    assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"]) == (0.1, 40)
+    assert without_keys(scenes, ("lr", "deletion_warmup")) == without_keys(fast, ("lr", "deletion_warmup"))
+
+
 def test_reference_presets_leave_the_deletion_term_and_the_floor_out(capsys):
     for config in printed_presets(capsys, "paper", "mdm"):
         assert config["model"]["deletion_weight"] == 0.0

@@ -133,6 +133,20 @@ def test_deletion_term_moves_the_map_from_an_artefact_to_the_evidence(tmp_path, 
     assert share[1.0][0] > 1.3 * share[1.0][1]
 
 
+def test_deletion_term_acts_through_its_first_steps(tmp_path):
+    """``model.deletion_warmup`` (issue 7, stop 34): the term's weight rises from 0 over an item's first
+    ``warmup`` steps. Over the whole level (40), the masks settle on what keeps the class, the decoy,
+    while the rate is high, and the term, at full weight only at the end, no longer moves them off it:
+    measured (SPOT, DECOY) 0.21 / 0.39, as without the term (0.23 / 0.35), against 0.31 / 0.18 at
+    once. On photos that is the trade the warm-up makes: less of the haze, less of the deletion gain."""
+    (tmp_path / "images").mkdir()
+    decoy_images(tmp_path / "images")
+    run = explain(tmp_path / "images", tmp_path / "run", classifier=DecoyClassifier(),
+                  module={"deletion_weight": 1.0, "deletion_warmup": 40})
+    (saliency,) = maps(run).values()
+    assert saliency[DECOY].sum() > 1.3 * saliency[SPOT].sum()
+
+
 def test_deletion_term_in_log_odds_leaves_content_that_raises_every_class(tmp_path):
     """Issue 7, mosaics: ``SHARED`` raises every logit alike, like another tile of a mosaic. The image
     without ``SPOT`` keeps class 1's logit above the mean-colour image's, so the deletion term in
@@ -478,6 +492,8 @@ def test_bad_settings_name_the_setting():
         build("unused", "unused", module={"shrink": -0.1})
     with pytest.raises(ValueError, match="model.deletion_restart"):
         build("unused", "unused", module={"deletion_restart": -1})
+    with pytest.raises(ValueError, match="model.deletion_warmup"):
+        build("unused", "unused", module={"deletion_warmup": -1})
     with pytest.raises(ValueError, match="model.shrink"):
         build("unused", "unused", module={"shrink": 0.5, "clamp": False})
     for floor in (-0.1, 1.0):
