@@ -427,7 +427,9 @@ class MaskExplainer(LightningModule):
             with torch.autocast(self.device.type, enabled=False):
                 removed = M.apply_mask(self.stage_input[images], 1 - up, self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
-                                        images) * self.deletion_ramp(chunk)
+                                        images)
+            if self.hparams.deletion_warmup:
+                term = term * self.deletion_ramp(chunk)
             if backward is not None:
                 backward(term.sum())
                 term = term.detach()
@@ -467,10 +469,9 @@ class MaskExplainer(LightningModule):
                         eps=self.adam_eps, shrink=self.hparams.shrink,
                         adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0)
 
-    def deletion_ramp(self, chunk: list[Group]) -> Tensor | float:
-        """The share of ``deletion_weight`` each item of ``chunk`` gets at its current step, ``(k,)``."""
-        if not self.hparams.deletion_warmup:
-            return 1.0
+    def deletion_ramp(self, chunk: list[Group]) -> Tensor:
+        """The share of ``deletion_weight`` each item of ``chunk`` gets at its current step under
+        ``deletion_warmup``, ``(k,)``."""
         return (self.pool.steps[self.pool.slots(chunk)].float() / self.hparams.deletion_warmup).clamp(max=1.0)
 
     @property
