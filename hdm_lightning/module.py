@@ -412,7 +412,8 @@ class MaskExplainer(LightningModule):
         term's until one backward ran 2-21 % slower on a 2-core CPU (batches of 2-8,
         EfficientNet-Lite0 at 224 px; ``benchmarks/pass_order.py``) and held twice the activations.
         """
-        images = self.item_image[self.pool.slots(chunk)]  # (k,)
+        slots = self.pool.slots(chunk)  # (k,)
+        images = self.item_image[slots]  # (k,)
         with torch.autocast(self.device.type, enabled=False):  # masks stay float32 (issue 3)
             kept = self.pool.kept(chunk, self.stage_input.shape[-2:])  # (k, H, W)
             up = kept if backward is None else kept.detach().requires_grad_()  # the passes' graphs end here
@@ -429,7 +430,7 @@ class MaskExplainer(LightningModule):
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)
             if self.hparams.deletion_warmup:
-                term = term * self.deletion_ramp(chunk)
+                term = term * self.deletion_ramp(slots)
             if backward is not None:
                 backward(term.sum())
                 term = term.detach()
@@ -469,10 +470,10 @@ class MaskExplainer(LightningModule):
                         eps=self.adam_eps, shrink=self.hparams.shrink,
                         adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0)
 
-    def deletion_ramp(self, chunk: list[Group]) -> Tensor:
-        """The share of ``deletion_weight`` each item of ``chunk`` gets at its current step under
+    def deletion_ramp(self, slots: Tensor) -> Tensor:
+        """The share of ``deletion_weight`` the items in pool ``slots`` get at their current step under
         ``deletion_warmup``, ``(k,)``."""
-        return (self.pool.steps[self.pool.slots(chunk)].float() / self.hparams.deletion_warmup).clamp(max=1.0)
+        return (self.pool.steps[slots].float() / self.hparams.deletion_warmup).clamp(max=1.0)
 
     @property
     def deletes_to_mean(self) -> bool:
