@@ -178,12 +178,15 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
     assert (sufficient["schedule"]["min_steps"], sufficient["schedule"]["max_steps"]) == (20, 40)
 
 
-def test_scenes_preset_is_the_defaults_with_the_deletion_term_warmed_up_at_twice_the_rate(capsys):
-    """Only the rate and the warm-up move (issue 7, stop 34), so the passes stay the defaults'."""
+def test_scenes_preset_is_the_defaults_warmed_up_at_twice_the_rate_with_one_stage(capsys):
+    """Only the rate, the warm-up (issue 7, stop 34) and the number of stages (stop 35) move."""
     fast, scenes = printed_presets(capsys, "fast", "scenes")
-    assert (fast["model"]["lr"], fast["model"]["deletion_warmup"]) == (0.05, 0)
-    assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"]) == (0.1, 40)
-    assert without_keys(scenes, ("lr", "deletion_warmup")) == without_keys(fast, ("lr", "deletion_warmup"))
+    assert (fast["model"]["lr"], fast["model"]["deletion_warmup"], fast["schedule"]["stages"]) == (0.05, 0, 3)
+    assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"], scenes["schedule"]["stages"]) == (0.1, 40, 1)
+    keys = ("lr", "deletion_warmup")
+    assert without_keys(scenes, keys)["model"] == without_keys(fast, keys)["model"]
+    assert {**scenes["schedule"], "stages": 3} == fast["schedule"]
+    assert without_keys(scenes, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
 
 
 def test_reference_presets_leave_the_deletion_term_and_the_floor_out(capsys):
