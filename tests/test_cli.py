@@ -184,7 +184,6 @@ def test_scenes_preset_is_the_defaults_warmed_up_at_twice_the_rate_with_one_stag
     assert (fast["model"]["lr"], fast["model"]["deletion_warmup"], fast["schedule"]["stages"]) == (0.05, 0, 3)
     assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"], scenes["schedule"]["stages"]) == (0.1, 40, 1)
     keys = ("lr", "deletion_warmup")
-    assert without_keys(scenes, keys)["model"] == without_keys(fast, keys)["model"]
     assert {**scenes["schedule"], "stages": 3} == fast["schedule"]
     assert without_keys(scenes, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
 
