@@ -147,9 +147,9 @@ class MaskExplainer(LightningModule):
             ``deletion_warmup`` steps (0: the full weight from the first step). The term's first
             gradients, at the masks' start and the schedule's highest rates, raise faint values all
             over the image (issue 7's haze); warmed up, the masks first find what keeps the class. Alone
-            it trades the term's deletion gain for share and insertion; with ``lr 0.1`` (40 steps, the
-            ``scenes`` preset) the 224-px mosaics' share in the class's tile is 0.736 against the
-            defaults' 0.471 (docs/experiments.md, stop 34).
+            it trades the term's deletion gain for share and insertion; with ``lr 0.1`` (40 steps) the
+            224-px mosaics' share in the class's tile is 0.736 against the defaults' 0.471, 0.773 with
+            one stage (the ``scenes`` preset; docs/experiments.md, stops 34 and 35).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
