@@ -231,9 +231,9 @@ def run_hdm(engine: Path, overrides: list[str], work: Path, scene_png: Path, tar
     manifest = work / "manifest.csv"
     manifest.write_text(f"image,target\n{image.name},{target.target}\n")
     out_dir = work / "run"
-    command = [sys.executable, str(engine / "train_masks.py"), "--data.images", str(manifest), "--out_dir",
-               str(out_dir), "--data.image_size", str(size), *HDM_COMMON, *EfficientNetLite.options(variant),
-               *overrides]
+    # the scene's image, folder and size last: a ``--config`` among the overrides must not replace them
+    command = [sys.executable, str(engine / "train_masks.py"), *HDM_COMMON, *EfficientNetLite.options(variant),
+               *overrides, "--data.images", str(manifest), "--out_dir", str(out_dir), "--data.image_size", str(size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(work / "log.txt", "a") as log:

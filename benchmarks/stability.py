@@ -43,9 +43,10 @@ PAIRS = [("batch1", "batch4"), ("batch1", "2proc"), ("batch4", "2proc"), ("batch
 
 def run(name: str, out: Path, listing: Path, size: int, extra: list[str], threads: int | None = None) -> float:
     folder = out / name
-    command = [sys.executable, "train_masks.py", f"--data.images={listing}", f"--data.image_size={size}",
+    # the user's settings first: a ``--config`` among them must not override the run's folder or its arithmetic
+    command = [sys.executable, "train_masks.py", *extra, f"--data.images={listing}", f"--data.image_size={size}",
                f"--out_dir={folder}", "--trainer.accelerator=cpu", "--trainer.logger=false",
-               "--trainer.enable_progress_bar=false", *RUNS[name], *extra]
+               "--trainer.enable_progress_bar=false", *RUNS[name]]
     start = time.perf_counter()
     # OMP_NUM_THREADS set: every process of every run uses that many threads (Lightning otherwise
     # gives each of 2 processes half the cores, and thread counts change a kernel's last bits)
