@@ -263,7 +263,10 @@ ADDED = {"model.smoothness_weight": 0.0, "model.score": "logit", "model.evidence
          "model.removal_threshold": 1.0, "model.fusion.class_path": "hdm_lightning.fusion.EvidenceFusion",
          "model.fusion.init_args.anchored": False, "model.blur_keeps": 0.5, "model.blur_fade": 0.0, "model.deletion_weight": 0.0, "model.deletion_substrate": "same", "model.deletion_score": "same", "model.shrink": 0.0,
          "model.later_score": None, "model.relative_eps": 0.0, "model.lr_schedule": "constant",
-         "model.deletion_restart": 0, "model.map_floor": 0.0, "model.deletion_warmup": 0}
+         "model.deletion_restart": 0, "model.map_floor": 0.0, "model.deletion_warmup": 0, "model.float32_stride": 0}
+
+#: Settings that change a map only under mixed precision; a float32 run's folder ignores them.
+MIXED_ONLY = ("model.float32_stride",)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -286,7 +289,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(stored: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between two configurations, other than :data:`IGNORED` ones.
 
-    A key of :data:`ADDED` missing from either takes its value there.
+    A key of :data:`ADDED` missing from either takes its value there; one of :data:`MIXED_ONLY` counts
+    only where either configuration runs under mixed precision.
 
     Example:
         >>> config_differences({"model": {"lr": 0.1}, "out_dir": "a"}, {"model": {"lr": 0.2}, "out_dir": "b"})
@@ -296,7 +300,8 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     """
     old, new = {**ADDED, **flatten(stored)}, {**ADDED, **flatten(current)}
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k) and not ignored(k)]
+    mixed = any("mixed" in str(c.get("trainer.precision", "")) for c in (old, new))
+    return [k for k in keys if old.get(k) != new.get(k) and not ignored(k) and (mixed or k not in MIXED_ONLY)]
 
 
 def ignored(key: str) -> bool:

@@ -300,3 +300,17 @@ def test_a_folder_made_before_the_restart_and_the_floor_reads_them_as_off():
     assert config_differences(before, {"model": {"deletion_weight": 2.0, "deletion_restart": 0, "map_floor": 0.0}}) == []
     assert config_differences(before, {"model": {"deletion_weight": 2.0, "deletion_restart": 0, "map_floor": 0.05}}) == [
         "model.map_floor"]
+
+
+def test_a_folder_made_before_float32_stride_differs_from_today_only_under_mixed_precision():
+    """``float32_stride`` changes no float32 map: a float32 folder without it is today's float32 run; a bf16
+    folder without it made its maps with every layer in bf16 and is told apart."""
+    from hdm_lightning.cli import config_differences
+
+    now = {"model": {"lr": 0.05, "float32_stride": 8}}
+    assert config_differences({"model": {"lr": 0.05}, "trainer": {"precision": "32-true"}},
+                              {**now, "trainer": {"precision": "32-true"}}) == []
+    assert config_differences({"model": {"lr": 0.05}, "trainer": {"precision": "bf16-mixed"}},
+                              {**now, "trainer": {"precision": "bf16-mixed"}}) == ["model.float32_stride"]
+    assert config_differences({"model": {"lr": 0.05}, "trainer": {"precision": "bf16-mixed"}},
+                              {"model": {"lr": 0.05, "float32_stride": 0}, "trainer": {"precision": "bf16-mixed"}}) == []
