@@ -260,7 +260,7 @@ class MaskExplainer(LightningModule):
             before its feature maps fall below ``1/float32_stride`` of the input's side run in float32
             (:mod:`hdm_lightning.precision`; 0: every layer in the lower precision). Most of bf16's
             error in the masks' gradient is made there (cosine with float32's 0.90-0.96 all in bf16,
-            0.986-0.990 with the layers to stride 8 in float32; EfficientNet-Lite0). No effect in float32.
+            0.984-0.995 with the layers to stride 8 in float32; EfficientNet-Lite0). No effect in float32.
         mean: normalisation mean of the classifier input (linked from the data settings).
         std: normalisation std of the classifier input (linked from the data settings).
     """
@@ -457,11 +457,11 @@ class MaskExplainer(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         optimiser = self.optimizers()
         optimiser.zero_grad()
-        if self.float32_hooks is None:
-            self.keep_high_resolution_float32()
         if len(self.pool) == 0:  # an idle rank: an empty step keeps global_step equal on all ranks
             optimiser.step()
             return None
+        if self.float32_hooks is None:
+            self.keep_high_resolution_float32()
         losses = []
         for chunk in self.pool.chunks(self.size_of, self.hparams.chunk_size):  # gradients accumulate
             chunk_loss = self.chunk_losses(chunk, self.manual_backward)  # sums: each item's gradient is its own
