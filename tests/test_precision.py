@@ -125,7 +125,8 @@ def test_a_bf16_run_keeps_the_classifier_s_first_layers_in_float32_and_hands_it_
     from lightning.pytorch import Callback
 
     class Hooks(Callback):
-        seen: list = []
+        def __init__(self) -> None:
+            self.seen: list[int] = []  # hooks installed, after each step
 
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
             self.seen.append(len(pl_module.float32_hooks))
@@ -134,7 +135,6 @@ def test_a_bf16_run_keeps_the_classifier_s_first_layers_in_float32_and_hands_it_
     seen = {}
     for precision, stride in (("bf16-mixed", 8), ("bf16-mixed", 0), ("32-true", 8)):
         hooks = Hooks()
-        hooks.seen = []
         model, data, trainer = build(folder, tmp_path / f"{precision}{stride}", classifier=synthetic_classifier,
                                      module={**SETTINGS, "float32_stride": stride},
                                      trainer={"precision": precision, "max_steps": 2}, callbacks=[hooks])
