@@ -18,9 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-import torch
 
 
 def high_resolution_modules(classifier: nn.Module, example: Tensor, stride: int) -> list[str]:
