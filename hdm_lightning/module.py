@@ -172,6 +172,10 @@ class MaskExplainer(LightningModule):
             0.5 an element that only the sparsity term pushes moves ``lr/1.5`` a step, so a mask's
             background falls from 0.5 to 0 within the decayed steps rather than just at their end,
             leaving no faint haze over the rest of the image (issue 7, scenes of several objects).
+        adam_beta2: Adam's second-moment decay. At the usual 0.999 the bias-corrected second moment
+            is, over a level's 20-80 steps, the mean of every squared gradient so far: the deletion
+            term's large first gradients keep an element's later steps small, and a background
+            that only the sparsity term pushes falls slowly (the haze over the map, issue 7).
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
@@ -284,6 +288,7 @@ class MaskExplainer(LightningModule):
         lr_horizon: int = 40,
         lr_hold: float = 0.0,
         relative_eps: float = 0.5,
+        adam_beta2: float = 0.999,
         score: Literal["logit", "log_odds"] = "logit",
         later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
@@ -341,6 +346,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.lr_hold must be in [0, 1), got {lr_hold}")
         if relative_eps < 0:
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
+        if not 0 <= adam_beta2 < 1:
+            raise ValueError(f"model.adam_beta2 must be in [0, 1), got {adam_beta2}")
         if score not in ("logit", "log_odds") or later_score not in ("logit", "log_odds", None):
             raise ValueError(f"model.score and model.later_score must be 'logit' or 'log_odds', got {score!r}, "
                              f"{later_score!r}")
@@ -479,7 +486,7 @@ class MaskExplainer(LightningModule):
         if self.hparams.lr_schedule == "cosine":
             rate = partial(cosine_lr, horizon=self.hparams.lr_horizon, hold=self.hparams.lr_hold)
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
-                        eps=self.adam_eps, shrink=self.hparams.shrink,
+                        eps=self.adam_eps, betas=(0.9, self.hparams.adam_beta2), shrink=self.hparams.shrink,
                         adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0)
 
     def keep_high_resolution_float32(self) -> None:

@@ -399,9 +399,10 @@ class ItemAdam(torch.optim.Optimizer):
 
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
                  rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
-                 eps: float | Callable[[int], float] = 1e-8, shrink: float = 0.0, adam_restart: int = 0) -> None:
+                 eps: float | Callable[[int], float] = 1e-8, betas: tuple[float, float] = (0.9, 0.999),
+                 shrink: float = 0.0, adam_restart: int = 0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
-        self.pool, self.size_of, self.clamp, self.rate, self.eps = pool, size_of, clamp, rate, eps
+        self.pool, self.size_of, self.clamp, self.rate, self.eps, self.betas = pool, size_of, clamp, rate, eps, betas
         self.shrink, self.adam_restart = shrink, adam_restart
 
     @torch.no_grad()
@@ -410,6 +411,7 @@ class ItemAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, eps=self.eps, shrink=self.shrink,
+        self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, betas=self.betas, eps=self.eps,
+                       shrink=self.shrink,
                        adam_restart=self.adam_restart)
         return loss

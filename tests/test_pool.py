@@ -214,15 +214,15 @@ def test_a_held_rate_stays_at_lr_then_decays_to_zero_by_the_horizon():
         MaskExplainer(SpotClassifier(), lr_hold=1.0)
 
 
-def push_then_pull(steps: int = 43, **step_options) -> tuple[Tensor, Tensor]:
+def push_then_pull(steps: int = 43, pull: float = 1e-3, **step_options) -> tuple[Tensor, Tensor]:
     """One 3×3 item: three steps of a large upward push on every element (the deletion term at the masks'
-    start), then a tiny downward pull (the sparsity term); element (0, 0) is pushed up throughout.
+    start), then a small downward ``pull`` (the sparsity term); element (0, 0) is pushed up throughout.
     Returns the mask after the push and at the end."""
     pool = MaskPool([3], capacity=1, init_value=0.5)
     slot = pool.admit(Item(0, 0, 0, 0), 3)
     mask = pool.masks["3"]
     for step in range(steps):
-        mask.grad = torch.full_like(mask, -1.0 if step < 3 else 1e-3)
+        mask.grad = torch.full_like(mask, -1.0 if step < 3 else pull)
         mask.grad[slot, 0, 0] = -1.0
         pool.step(size_of, lr=0.05, clamp=True, **step_options)
         if step == 2:
@@ -256,3 +256,20 @@ def test_a_restart_forgets_the_large_gradients_of_the_first_steps():
     assert final[0][1, 1] > 0.5
     assert final[1][1, 1] == 0.0
     assert final[0][0, 0] == final[1][0, 0] == 1.0
+
+
+def test_a_short_second_moment_lets_the_pull_act_after_the_push():
+    """``model.adam_beta2`` (issue 7, stop 38): three steps of a large push, then a pull a tenth of its size.
+    At β2 0.999 the bias-corrected second moment is the mean of every squared gradient so far, so the
+    push shrinks each later step and the pulled element ends near where the push left it; at β2 0.9 the
+    push is forgotten within tens of steps and the pull brings it well down. Under the push's constant
+    gradient both give the same steps (the bias-corrected moment is its square either way); an element
+    that a large gradient holds up stays at 1 either way."""
+    runs = {beta2: push_then_pull(pull=0.1, betas=(0.9, beta2)) for beta2 in (0.999, 0.9)}
+    torch.testing.assert_close(runs[0.999][0], runs[0.9][0])
+    assert runs[0.9][1][1, 1] < runs[0.999][1][1, 1] - 0.2  # measured: 0.20 against 0.52
+    assert runs[0.999][1][0, 0] == runs[0.9][1][0, 0] == 1.0
+    from hdm_lightning.module import MaskExplainer
+
+    with pytest.raises(ValueError, match="model.adam_beta2"):
+        MaskExplainer(SpotClassifier(), adam_beta2=1.0)
