@@ -412,6 +412,5 @@ class ItemAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, betas=self.betas, eps=self.eps,
-                       shrink=self.shrink,
-                       adam_restart=self.adam_restart)
+                       shrink=self.shrink, adam_restart=self.adam_restart)
         return loss
