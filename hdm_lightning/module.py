@@ -177,6 +177,10 @@ class MaskExplainer(LightningModule):
             term's large first gradients keep an element's later steps small, and a background
             that only the sparsity term pushes falls slowly (the haze over the map, issue 7). 0.9
             thins the haze a little and trades deletion AUC for insertion (stop 38): not the default.
+        weight_decay: AdamW's decoupled weight decay of the masks (:func:`~hdm_lightning.pool.decay_step`;
+            0: none): each step lowers every element by ``weight_decay`` times its rate times its
+            value. The haze over the map shrinks geometrically while the order of its faint values,
+            which ranks the background for the deletion AUC, stays.
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
@@ -290,6 +294,7 @@ class MaskExplainer(LightningModule):
         lr_hold: float = 0.0,
         relative_eps: float = 0.5,
         adam_beta2: float = 0.999,
+        weight_decay: float = 0.0,
         score: Literal["logit", "log_odds"] = "logit",
         later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
@@ -349,6 +354,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
         if not 0 <= adam_beta2 < 1:
             raise ValueError(f"model.adam_beta2 must be in [0, 1), got {adam_beta2}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0 (0: none), got {weight_decay}")
         if score not in ("logit", "log_odds") or later_score not in ("logit", "log_odds", None):
             raise ValueError(f"model.score and model.later_score must be 'logit' or 'log_odds', got {score!r}, "
                              f"{later_score!r}")
@@ -488,7 +495,8 @@ class MaskExplainer(LightningModule):
             rate = partial(cosine_lr, horizon=self.hparams.lr_horizon, hold=self.hparams.lr_hold)
         return ItemAdam(self.pool, self.size_of, lr=self.hparams.lr, clamp=self.hparams.clamp, rate=rate,
                         eps=self.adam_eps, betas=(0.9, self.hparams.adam_beta2), shrink=self.hparams.shrink,
-                        adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0)
+                        adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0,
+                        decay=self.hparams.weight_decay)
 
     def keep_high_resolution_float32(self) -> None:
         """Under mixed precision, hooks that run the classifier's layers down to ``float32_stride`` in

@@ -117,6 +117,23 @@ def shrink_step(mask: Tensor, lr: Tensor | float, shrink: float) -> Tensor:
     return mask - shrink * per_item(lr, mask, mask.dtype)
 
 
+def decay_step(new: Tensor, old: Tensor, lr: Tensor | float, decay: float) -> Tensor:
+    """Adam's step ``new`` with the decoupled weight decay of AdamW (Loshchilov & Hutter): every element
+    lowered by ``decay · lr`` times its value before the step (``lr`` a float or ``(k,)``, one per item).
+
+    A fall in proportion to the value, outside Adam's per-element scaling: the faint values that the
+    deletion term's first steps raise over the image (issue 7's haze) shrink geometrically, while their
+    order, which ranks the background for the deletion AUC, stays (unlike :func:`shrink_step`, which
+    sets them to 0 alike). An element that a gradient holds up at ``a`` against it needs Adam's steps of
+    about ``lr`` to outweigh ``decay · lr · a``: at ``decay`` ≤ 1 a mask can still reach 1.
+
+    Example:
+        >>> decay_step(torch.full((2, 1, 1), 0.5), torch.full((2, 1, 1), 0.4), torch.tensor([0.1, 0.2]), 1.0).flatten()
+        tensor([0.4600, 0.4200])
+    """
+    return new - decay * per_item(lr, old, old.dtype) * old
+
+
 def restarted(exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, after: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """Adam's moments and step counts for this step when Adam starts over after each item's step
     ``after`` (0: never): the moments of the items at step ``after + 1`` zeroed, and every later step
@@ -333,10 +350,11 @@ class MaskPool(nn.Module):
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
              betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8,
-             shrink: float = 0.0, adam_restart: int = 0) -> None:
+             shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0) -> None:
         """One Adam step of every item in flight (:func:`adam_step`; started over after each item's
-        step ``adam_restart``, :func:`restarted`), a fall of every element by ``shrink`` times the item's
-        rate (see :func:`shrink_step`), then the projection onto [0, 1].
+        step ``adam_restart``, :func:`restarted`), a fall of every element by ``decay`` times the item's
+        rate times its value (:func:`decay_step`) and by ``shrink`` times the rate (:func:`shrink_step`),
+        then the projection onto [0, 1].
 
         ``rate(lr, steps)`` gives each item's rate from its own step count (:func:`constant_lr`,
         :func:`cosine_lr`); ``eps`` may depend on the mask size."""
@@ -353,6 +371,7 @@ class MaskPool(nn.Module):
             moments, steps = restarted(avg[rows], avg_sq[rows], steps, adam_restart)
             new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, *moments, steps,
                                                      rates, betas, eps(size) if callable(eps) else eps)
+            new = decay_step(new, mask[rows], rates, decay) if decay else new
             new = shrink_step(new, rates, shrink) if shrink else new
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
@@ -400,10 +419,10 @@ class ItemAdam(torch.optim.Optimizer):
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
                  rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
                  eps: float | Callable[[int], float] = 1e-8, betas: tuple[float, float] = (0.9, 0.999),
-                 shrink: float = 0.0, adam_restart: int = 0) -> None:
+                 shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
         self.pool, self.size_of, self.clamp, self.rate, self.eps, self.betas = pool, size_of, clamp, rate, eps, betas
-        self.shrink, self.adam_restart = shrink, adam_restart
+        self.shrink, self.adam_restart, self.decay = shrink, adam_restart, decay
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -412,5 +431,5 @@ class ItemAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, betas=self.betas, eps=self.eps,
-                       shrink=self.shrink, adam_restart=self.adam_restart)
+                       shrink=self.shrink, adam_restart=self.adam_restart, decay=self.decay)
         return loss

@@ -273,3 +273,36 @@ def test_a_short_second_moment_lets_the_pull_act_after_the_push():
 
     with pytest.raises(ValueError, match="model.adam_beta2"):
         MaskExplainer(SpotClassifier(), adam_beta2=1.0)
+
+
+def test_weight_decay_lowers_the_haze_and_keeps_the_order_of_its_faint_values():
+    """``model.weight_decay`` (AdamW's decoupled decay, issue 7, stop 39): after the push and under the tiny
+    pull, Adam's memory keeps the pushed element rising (1.0 here); the decay, outside Adam's scaling,
+    brings it down (0.16), while an element that a large gradient pushes throughout stays near 1 (0.94). Faint values
+    with no gradient shrink in proportion, so their order (which ranks the background for the deletion
+    AUC) stays, where ``shrink`` sets them all to 0 alike."""
+    final = {decay: push_then_pull(decay=decay)[1] for decay in (0.0, 1.0)}
+    assert final[0.0][1, 1] > 0.5
+    assert final[1.0][1, 1] < final[0.0][1, 1] - 0.5
+    assert final[1.0][0, 0] > 0.9
+
+    def faint(**options) -> Tensor:
+        pool = MaskPool([3], capacity=1, init_value=0.5)
+        slot = pool.admit(Item(0, 0, 0, 0), 3)
+        mask = pool.masks["3"]
+        with torch.no_grad():
+            mask[slot] = torch.linspace(0.05, 0.45, 9).view(3, 3)
+        for _ in range(20):
+            mask.grad = torch.zeros_like(mask)
+            pool.step(size_of, lr=0.05, clamp=True, **options)
+        return mask[slot].detach().flatten()
+
+    decayed = faint(decay=2.0)
+    assert torch.all(decayed[1:] > decayed[:-1])  # the order stays
+    torch.testing.assert_close(decayed / decayed[-1], torch.linspace(0.05, 0.45, 9) / 0.45)  # so do the ratios
+    assert decayed[-1] < 0.45 * 0.2
+    assert torch.all(faint(shrink=0.5) == 0)  # shrink ties them at 0
+    from hdm_lightning.module import MaskExplainer
+
+    with pytest.raises(ValueError, match="model.weight_decay"):
+        MaskExplainer(SpotClassifier(), weight_decay=-1.0)
