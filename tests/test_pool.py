@@ -278,9 +278,9 @@ def test_a_short_second_moment_lets_the_pull_act_after_the_push():
 def test_weight_decay_lowers_the_haze_and_keeps_the_order_of_its_faint_values():
     """``model.weight_decay`` (AdamW's decoupled decay, issue 7, stop 39): after the push and under the tiny
     pull, Adam's memory keeps the pushed element rising (1.0 here); the decay, outside Adam's scaling,
-    brings it down (0.16), while an element that a large gradient pushes throughout stays near 1 (0.94). Faint values
-    with no gradient shrink in proportion, so their order (which ranks the background for the deletion
-    AUC) stays, where ``shrink`` sets them all to 0 alike."""
+    brings it down (0.16), while an element that a large gradient pushes throughout stays near 1 (0.94).
+    Faint values with no gradient shrink in proportion, so their order (which ranks the background for
+    the deletion AUC) stays, where ``shrink`` sets them all to 0 alike."""
     final = {decay: push_then_pull(decay=decay)[1] for decay in (0.0, 1.0)}
     assert final[0.0][1, 1] > 0.5
     assert final[1.0][1, 1] < final[0.0][1, 1] - 0.5
