@@ -369,9 +369,10 @@ class MaskPool(nn.Module):
             steps = self.steps[rows]
             rates = rate(lr, steps)
             moments, steps = restarted(avg[rows], avg_sq[rows], steps, adam_restart)
-            new, avg[rows], avg_sq[rows] = adam_step(mask[rows], grad, *moments, steps,
+            old = mask[rows]
+            new, avg[rows], avg_sq[rows] = adam_step(old, grad, *moments, steps,
                                                      rates, betas, eps(size) if callable(eps) else eps)
-            new = decay_step(new, mask[rows], rates, decay) if decay else new
+            new = decay_step(new, old, rates, decay) if decay else new
             new = shrink_step(new, rates, shrink) if shrink else new
             mask[rows] = new.clamp(0, 1) if clamp else new
         self.clock += 1
