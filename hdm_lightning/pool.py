@@ -237,13 +237,18 @@ class MaskPool(nn.Module):
         sizes: every mask size an item can have.
         capacity: most items in flight (``engine.max_items``).
         init_value: initial value of every mask element.
+        sigmoid: the parameter of a row is the mask's logit ``θ`` and the mask ``a = σ(θ)``
+            (``model.mask_param: sigmoid``) rather than the mask itself.
     """
 
-    def __init__(self, sizes: list[int], capacity: int, init_value: float) -> None:
+    def __init__(self, sizes: list[int], capacity: int, init_value: float, sigmoid: bool = False) -> None:
         super().__init__()
         if capacity < 1:
             raise ValueError(f"engine.max_items must be >= 1, got {capacity}")
-        self.capacity, self.init_value = capacity, init_value
+        if sigmoid and not 0 < init_value < 1:
+            raise ValueError(f"model.init_value must be in (0, 1) under model.mask_param sigmoid, got {init_value}")
+        self.capacity, self.sigmoid = capacity, sigmoid
+        self.init_value = float(torch.logit(torch.tensor(init_value))) if sigmoid else init_value
         self.sizes = sorted(set(sizes))
         self.masks = nn.ParameterDict({str(s): nn.Parameter(torch.zeros(capacity, s, s)) for s in self.sizes})
         for s in self.sizes:  # R_b(P_{l-1}) of each row (ones at level 0) and its Adam moments
@@ -295,7 +300,7 @@ class MaskPool(nn.Module):
     @torch.no_grad()
     def retire(self, slot: int, size: int) -> tuple[Tensor, Tensor]:
         """Frees ``slot``; returns its trainable mask ``a_l`` and superimposed mask ``P_l``, ``(s, s)``."""
-        mask = self.masks[str(size)][slot].detach().clone()
+        mask = self.as_mask(self.masks[str(size)][slot].detach().clone())
         superimposed = getattr(self, f"guide_{size}")[slot] * mask
         self.items[slot] = None
         self.changed()
@@ -327,7 +332,11 @@ class MaskPool(nn.Module):
 
     def trainable(self, group: Group) -> Tensor:
         """``a_l`` of the group's items, ``(k, s, s)`` (differentiable)."""
-        return self.masks[str(group.size)][group.slots]
+        return self.as_mask(self.masks[str(group.size)][group.slots])
+
+    def as_mask(self, param: Tensor) -> Tensor:
+        """The masks ``a`` that parameters are: themselves, or ``σ(θ)`` under ``sigmoid``."""
+        return torch.sigmoid(param) if self.sigmoid else param
 
     def superimposed(self, group: Group) -> Tensor:
         """``P_l = R_b(P_{l-1}) ⊙ a_l`` of the group's items, ``(k, s, s)`` (``masks.superimpose``, with

@@ -306,3 +306,32 @@ def test_weight_decay_lowers_the_haze_and_keeps_the_order_of_its_faint_values():
 
     with pytest.raises(ValueError, match="model.weight_decay"):
         MaskExplainer(SpotClassifier(), weight_decay=-1.0)
+
+
+def test_sigmoid_masks_stay_inside_0_1_and_a_pull_never_ties_faint_values():
+    """``model.mask_param: sigmoid``: the row holds the mask's logit θ, the mask is σ(θ). A pull that drives
+    clamped masks to exactly 0 (where they tie, and the deletion and insertion curves order them by raster)
+    lowers the sigmoid masks geometrically: below their start, above 0, in their first order."""
+    def pulled(sigmoid: bool) -> Tensor:
+        pool = MaskPool([3], capacity=1, init_value=0.5, sigmoid=sigmoid)
+        slot = pool.admit(Item(0, 0, 0, 0), 3)
+        mask = pool.masks["3"]
+        start = torch.linspace(0.05, 0.45, 9).view(3, 3)
+        with torch.no_grad():
+            mask[slot] = torch.logit(start) if sigmoid else start
+        for _ in range(40):
+            mask.grad = torch.full_like(mask, 1e-3)
+            pool.step(size_of, lr=0.2, clamp=not sigmoid)
+        return pool.trainable(pool.chunks(size_of, None)[0][0]).detach()[0].flatten()
+
+    sigmoid = pulled(True)
+    assert torch.all(sigmoid > 0) and torch.all(sigmoid < torch.linspace(0.05, 0.45, 9) / 100)
+    assert torch.all(sigmoid[1:] > sigmoid[:-1])
+    assert torch.all(pulled(False) == 0)  # clamped, they tie at 0
+    fresh = MaskPool([3], capacity=1, init_value=0.3, sigmoid=True)
+    slot = fresh.admit(Item(0, 0, 0, 0), 3)
+    torch.testing.assert_close(fresh.retire(slot, 3)[0], torch.full((3, 3), 0.3))
+    from hdm_lightning.module import MaskExplainer
+
+    with pytest.raises(ValueError, match="model.mask_param"):
+        MaskExplainer(SpotClassifier(), mask_param="sigmoid", weight_decay=1.0)
