@@ -247,8 +247,8 @@ class MaskPool(nn.Module):
             raise ValueError(f"engine.max_items must be >= 1, got {capacity}")
         if sigmoid and not 0 < init_value < 1:
             raise ValueError(f"model.init_value must be in (0, 1) under model.mask_param sigmoid, got {init_value}")
-        self.capacity, self.sigmoid = capacity, sigmoid
-        self.init_value = float(torch.logit(torch.tensor(init_value))) if sigmoid else init_value
+        self.capacity, self.init_value, self.sigmoid = capacity, init_value, sigmoid
+        self.start = float(torch.logit(torch.tensor(init_value))) if sigmoid else init_value  # a new row's parameter
         self.sizes = sorted(set(sizes))
         self.masks = nn.ParameterDict({str(s): nn.Parameter(torch.zeros(capacity, s, s)) for s in self.sizes})
         for s in self.sizes:  # R_b(P_{l-1}) of each row (ones at level 0) and its Adam moments
@@ -283,7 +283,7 @@ class MaskPool(nn.Module):
     def admit(self, item: Item, size: int, guide: Tensor | None = None) -> int:
         """Puts ``item`` (mask size ``size``; ``guide`` ``R_b(P_{l-1})``, None at level 0) in a free row."""
         slot = self.items.index(None)
-        self.masks[str(size)][slot] = self.init_value
+        self.masks[str(size)][slot] = self.start
         getattr(self, f"guide_{size}")[slot] = 1.0 if guide is None else guide
         getattr(self, f"exp_avg_{size}")[slot] = 0.0
         getattr(self, f"exp_avg_sq_{size}")[slot] = 0.0
