@@ -6,7 +6,7 @@ For each setting (``NAME=key=value,key=value``, :func:`hdm_lightning.explain` ov
 for the defaults), with the packaged EfficientNet-Lite0 at 224 px and ``stages=1``:
 
 - ``--targets``: mosaic targets of ``multi_object.py`` (ids such as ``mosaic_a_285``): the map's share
-  in the class's tile and the median of the map over each other tile (the haze);
+  in the class's tile, the median of the map over each other tile (the haze) and every tile's share;
 - ``--photos``: package photos squashed to 224 px, each for its top-1 class: deletion and insertion
   AUC (``--num_steps`` points; the figures are for comparing settings, not the README's protocol);
   with ``--floor F`` also of the maps set to 0 below ``F`` of their maximum (does the faint part
@@ -61,7 +61,9 @@ def tile_scores(classifier, overrides: dict, ids: list[str], size: int = 224) ->
         own = target.tiles[0]
         share = float((saliency * tiles[own]).sum() / saliency.sum())
         haze = " ".join(f"{float(saliency[tiles[j] > 0].median()):.3f}" for j in range(4) if j != own)
-        lines.append(f"{target.id} ({target.class_name}): share {share:.3f}, other tiles' medians {haze}")
+        shares = " ".join(f"{float((saliency * tiles[j]).sum() / saliency.sum()):.3f}" for j in range(4))
+        lines.append(f"{target.id} ({target.class_name}): share {share:.3f}, other tiles' medians {haze}, "
+                     f"every tile's share (raster order) {shares}")
     return lines
 
 
