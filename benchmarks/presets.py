@@ -4,7 +4,7 @@ Real photos (scikit-image, matplotlib, scikit-learn), each explained for Efficie
 ``--variant``'s; its runs go to ``<out>/<variant>/``) top-1 class through the real command line with
 ``configs/paper.yaml``, the defaults (``fast``) and presets between them; then, per preset:
 classifier passes per image (the index rows' ``passes``: masked images sent through the classifier),
-the preset's wall seconds over the photos, start-up included (images share the pool, so an index
+the preset's wall seconds over the photos this call explained, start-up included (images share the pool, so an index
 row's own ``seconds`` is its time in flight, not its cost), deletion and insertion AUC (RISE
 protocol, ``hdm_lightning.evaluate``) and the Pearson correlation of each map with the ``paper`` map
 of the same photo. ``paper`` costs about 55 000 passes an image a stage, so on a CPU run it at a
@@ -62,15 +62,17 @@ def folder_of(out: Path, preset: str) -> Path:
     return out / preset.split(" (")[0].replace(" ", "_").replace(",", "").replace("'", "")
 
 
-def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int, extra: list[str]) -> float:
-    """Explain the photos (a finished folder costs nothing); seconds of this call."""
+def run_preset(preset: str, out: Path, listing: Path, size: int, photos: int, extra: list[str]) -> tuple[float, int]:
+    """Explain the photos without a map (a finished folder costs nothing); seconds of this call and the
+    photos it explained (an extended folder explains only the new ones)."""
     folder = folder_of(out, preset)
     start = time.perf_counter()
-    if len(list((folder / "maps").glob("*.npy"))) < photos:
+    missing = photos - len(list((folder / "maps").glob("*.npy")))
+    if missing > 0:
         subprocess.run([sys.executable, "train_masks.py", *PRESETS[preset], *COMMON, *extra, f"--data.images={listing}",
                         f"--data.image_size={size}", "--data.batch_size=4", f"--out_dir={folder}"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, max(missing, 0)
 
 
 def rows(folder: Path) -> dict[str, dict]:
@@ -96,7 +98,8 @@ def main() -> None:
     listing = out / "photos.txt"
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
     presets = ["paper", *[p for p in args.presets if p != "paper"]]
-    seconds = {p: run_preset(p, out, listing, args.size, args.photos, [*classifier, *extra]) for p in presets}
+    calls = {p: run_preset(p, out, listing, args.size, args.photos, [*classifier, *extra]) for p in presets}
+    seconds = {p: s for p, (s, _) in calls.items()}
     folders = [str(folder_of(out, p)) for p in presets]
     subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, *classifier,
                     f"--data.images={listing}", f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
@@ -115,8 +118,8 @@ def main() -> None:
         folder = folder_of(out, preset)
         own = rows(folder)
         passes = np.mean([r.get("passes", r["steps"]) for r in own.values()])  # rows before "passes": one a step
-        ran = seconds[preset] > 1  # a finished folder is reused: its time is not this call's
-        per_image = f"{seconds[preset] / args.photos:.1f}" if ran else "(reused folder)"
+        explained = calls[preset][1]  # a finished folder is reused: its time is not this call's
+        per_image = f"{seconds[preset] / explained:.1f}" if explained else "(reused folder)"
         corr = [correlation(np.load(folder / "maps" / f"{n}.npy"), np.load(folder_of(out, "paper") / "maps" / f"{n}.npy"))
                 for n in paper]
         score = scores.get(folder.name, {})
