@@ -99,7 +99,6 @@ def main() -> None:
     listing.write_text("\n".join(PHOTOS[: args.photos]) + "\n")
     presets = ["paper", *[p for p in args.presets if p != "paper"]]
     calls = {p: run_preset(p, out, listing, args.size, args.photos, [*classifier, *extra]) for p in presets}
-    seconds = {p: s for p, (s, _) in calls.items()}
     folders = [str(folder_of(out, p)) for p in presets]
     subprocess.run([sys.executable, "-m", "hdm_lightning.evaluate", "--runs", *folders, *classifier,
                     f"--data.images={listing}", f"--data.image_size={args.size}", "--metrics=[deletion,insertion]", "--deletion.num_steps=32",
@@ -118,8 +117,8 @@ def main() -> None:
         folder = folder_of(out, preset)
         own = rows(folder)
         passes = np.mean([r.get("passes", r["steps"]) for r in own.values()])  # rows before "passes": one a step
-        explained = calls[preset][1]  # a finished folder is reused: its time is not this call's
-        per_image = f"{seconds[preset] / explained:.1f}" if explained else "(reused folder)"
+        seconds, explained = calls[preset]  # a finished folder is reused: its time is not this call's
+        per_image = f"{seconds / explained:.1f}" if explained else "(reused folder)"
         corr = [correlation(np.load(folder / "maps" / f"{n}.npy"), np.load(folder_of(out, "paper") / "maps" / f"{n}.npy"))
                 for n in paper]
         score = scores.get(folder.name, {})
@@ -127,7 +126,7 @@ def main() -> None:
                      f"{score.get('insertion_auc', float('nan')):.4f} | {np.mean(corr):.3f}, {np.min(corr):.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print({p: round(s) for p, s in seconds.items()}, "seconds of this call per preset")
+    print({p: round(s) for p, (s, _) in calls.items()}, "seconds of this call per preset")
 
 
 if __name__ == "__main__":
