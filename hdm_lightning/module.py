@@ -183,6 +183,10 @@ class MaskExplainer(LightningModule):
             which ranks the background for the deletion AUC, stays. At 1 it raises insertion on the
             tuning photos but not on the held-out ones, and weak classes' maps leave their mosaic
             tiles (stop 39): not the default.
+        adam_scope: what Adam divides an element's step by: ``element`` (its own second moment, Adam)
+            or ``mask`` (the root mean square of its mask's second moments: one step size a mask, so
+            the steps keep the gradient's proportions and an element whose gradient is float noise
+            moves by noise, not by about ``lr``; :func:`~hdm_lightning.pool.adam_step`).
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
@@ -304,6 +308,7 @@ class MaskExplainer(LightningModule):
         relative_eps: float = 0.5,
         adam_beta2: float = 0.999,
         weight_decay: float = 0.0,
+        adam_scope: Literal["element", "mask"] = "element",
         score: Literal["logit", "log_odds"] = "logit",
         later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
@@ -367,6 +372,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.relative_eps must be >= 0, got {relative_eps}")
         if not 0 <= adam_beta2 < 1:
             raise ValueError(f"model.adam_beta2 must be in [0, 1), got {adam_beta2}")
+        if adam_scope not in ("element", "mask"):
+            raise ValueError(f"model.adam_scope must be 'element' or 'mask', got {adam_scope!r}")
         if weight_decay < 0:
             raise ValueError(f"model.weight_decay must be >= 0 (0: none), got {weight_decay}")
         if score not in ("logit", "log_odds") or later_score not in ("logit", "log_odds", None):
@@ -511,7 +518,7 @@ class MaskExplainer(LightningModule):
                         clamp=self.hparams.clamp and self.hparams.mask_param == "clamp", rate=rate,
                         eps=self.adam_eps, betas=(0.9, self.hparams.adam_beta2), shrink=self.hparams.shrink,
                         adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0,
-                        decay=self.hparams.weight_decay)
+                        decay=self.hparams.weight_decay, scope=self.hparams.adam_scope)
 
     def keep_high_resolution_float32(self) -> None:
         """Under mixed precision, hooks that run the classifier's layers down to ``float32_stride`` in

@@ -335,3 +335,31 @@ def test_sigmoid_masks_stay_inside_0_1_and_a_pull_never_ties_faint_values():
 
     with pytest.raises(ValueError, match="model.mask_param"):
         MaskExplainer(SpotClassifier(), mask_param="sigmoid", weight_decay=1.0)
+
+
+def test_one_step_size_a_mask_keeps_the_gradients_proportions_and_does_not_amplify_noise():
+    """``model.adam_scope=mask``: each element's step is divided by the root mean square of its mask's
+    second moment, not its own. Two gradients that differ by float noise on elements whose gradient
+    is tiny: Adam's own scaling moves those elements by about ``lr`` in the noise's direction (the
+    runs part by about ``2·lr``); one step size a mask moves them in proportion to their gradient."""
+    torch.manual_seed(0)
+    strong = torch.zeros(1, 4, 4)
+    strong[0, 0, 0] = 1.0
+    noise = 1e-6 * torch.randn(2, 1, 4, 4)
+    zeros = torch.zeros(1, 4, 4)
+    for scope, most, moved in (("element", 0.15, 0.25), ("mask", 1e-5, 1.0)):
+        ends = []
+        for run in range(2):
+            param, avg, avg_sq = torch.full((1, 4, 4), 0.5), zeros, zeros
+            for step in range(1, 6):
+                param, avg, avg_sq = adam_step(param, strong + noise[run], avg, avg_sq, torch.tensor([step]), 0.05,
+                                               scope=scope)
+            ends.append(param)
+        apart = (ends[0] - ends[1]).abs()
+        assert (apart.max() > most) if scope == "element" else (apart.max() < most)
+        # the strong element: lr a step alone; lr · g / rms(g) = 4 lr under one step size for its 16 elements
+        assert 0.5 - ends[0][0, 0, 0] == pytest.approx(moved, abs=1e-3)
+    from hdm_lightning.module import MaskExplainer
+
+    with pytest.raises(ValueError, match="model.adam_scope"):
+        MaskExplainer(SpotClassifier(), adam_scope="pixel")
