@@ -10,7 +10,9 @@ for the defaults), with the packaged EfficientNet-Lite0 at 224 px and ``stages=1
 - ``--photos``: package photos squashed to 224 px, each for its top-1 class: deletion and insertion
   AUC (``--num_steps`` points; the figures are for comparing settings, not the README's protocol);
   with ``--floor F`` also of the maps set to 0 below ``F`` of their maximum (does the faint part
-  of a map, its haze, order the pixels that deletion removes?).
+  of a map, its haze, order the pixels that deletion removes?); with ``--alone`` also each photo
+  explained alone, and its map's correlation with the same photo's in the batch (a minute's screen
+  of what ``stability.py``'s batch 1 against 4 measures on three stages).
 
 Usage:
     python benchmarks/stage1_probe.py --set defaults= \\
@@ -35,6 +37,7 @@ from hdm_lightning.metrics.functional import curve_auc, deletion_curve, insertio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaics import build_scenes, normalise, tile_masks  # noqa: E402
 from photos_faithfulness import PHOTOS as PHOTO_SPECS  # noqa: E402
+from stability import correlation  # noqa: E402
 
 PHOTOS = {spec.split(":")[1].split(".")[0]: spec for spec in PHOTO_SPECS}  # chelsea -> skimage:chelsea
 BLUR = {"kernel_size": 11, "sigma": 5.0}  # the insertion curve's blurred start, as in benchmarks/stability.py
@@ -68,9 +71,10 @@ def tile_scores(classifier, overrides: dict, ids: list[str], size: int = 224) ->
 
 
 def photo_scores(classifier, overrides: dict, names: list[str], num_steps: int, floor: float | None,
-                 size: int = 224) -> list[str]:
+                 alone: bool = False, size: int = 224) -> list[str]:
     """Mean deletion and insertion AUC of the photos' stage-1 maps, and each photo's (also with the
-    maps' values below ``floor`` of their maximum set to 0)."""
+    maps' values below ``floor`` of their maximum set to 0); with ``alone``, each map's correlation
+    with the same photo's explained in a batch of one."""
     images = torch.stack([normalise(load_image(PHOTOS[n]), size) for n in names])
     with torch.no_grad():
         targets = classifier(images).argmax(1)
@@ -88,6 +92,12 @@ def photo_scores(classifier, overrides: dict, names: list[str], num_steps: int, 
                                                   batch_size=num_steps + 1, **BLUR))
         each = " ".join(f"{n} {d:.3f}/{i:.3f}" for n, d, i in zip(names, deletion.tolist(), insertion.tolist()))
         lines.append(f"{label}: deletion {deletion.mean():.4f}, insertion {insertion.mean():.4f} ({each})")
+    if alone:
+        single = [explain(classifier, images[i:i + 1], targets=targets[i:i + 1], stages=1, **overrides)["maps"][0]
+                  for i in range(len(names))]
+        each = [correlation(a.numpy(), b.numpy()) for a, b in zip(single, maps)]
+        lines.append(f"alone against the batch of {len(names)}: worst {min(each):.3f} ("
+                     + " ".join(f"{n} {c:.3f}" for n, c in zip(names, each)) + ")")
     return lines
 
 
@@ -98,6 +108,7 @@ def main() -> None:
     parser.add_argument("--photos", nargs="*", default=[], choices=sorted(PHOTOS))
     parser.add_argument("--num_steps", type=int, default=56, help="points of the deletion/insertion curves")
     parser.add_argument("--floor", type=float, default=None, help="also score the maps zeroed below this share")
+    parser.add_argument("--alone", action="store_true", help="also explain each photo alone: map correlation")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,7 +119,7 @@ def main() -> None:
         start = time.perf_counter()
         lines = tile_scores(classifier, overrides, args.targets) if args.targets else []
         if args.photos:
-            lines += photo_scores(classifier, overrides, args.photos, args.num_steps, args.floor)
+            lines += photo_scores(classifier, overrides, args.photos, args.num_steps, args.floor, args.alone)
         print(f"## {name} {overrides} ({time.perf_counter() - start:.0f} s)", *lines, sep="\n  ", flush=True)
 
 
