@@ -11,8 +11,8 @@ for the defaults), with the packaged EfficientNet-Lite0 at 224 px and ``stages=1
   AUC (``--num_steps`` points; the figures are for comparing settings, not the README's protocol);
   with ``--floor F`` also of the maps set to 0 below ``F`` of their maximum (does the faint part
   of a map, its haze, order the pixels that deletion removes?); with ``--alone`` also each photo
-  explained alone, and its map's correlation with the same photo's in the batch (a minute's screen
-  of what ``stability.py``'s batch 1 against 4 measures on three stages).
+  explained alone, and its map's correlation with the same photo's in the batch (about six minutes a
+  setting for four photos: a screen of what ``stability.py``'s batch 1 against 4 measures on three stages).
 
 Usage:
     python benchmarks/stage1_probe.py --set defaults= \\
