@@ -189,6 +189,10 @@ class MaskExplainer(LightningModule):
             moves by noise, not by about ``lr``; :func:`~hdm_lightning.pool.adam_step`). At ``lr 1``
             (stop 41) the haze is gone (224-px mosaics 0.637 against 0.471) but single-photo
             insertion is 0.02 lower and the maps part under another batch shape (0.53): not the default.
+        step_cap: bounds every element's step by ``step_cap`` times its item's rate (0: no bound).
+            With ``adam_scope: mask`` an element whose gradient is many times its mask's root mean
+            square would jump to 0 or 1 in one step; bounded, it moves at most as Adam at
+            ``step_cap · lr`` would, and the steps stay in the gradient's proportions below the bound.
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
@@ -311,6 +315,7 @@ class MaskExplainer(LightningModule):
         adam_beta2: float = 0.999,
         weight_decay: float = 0.0,
         adam_scope: Literal["element", "mask"] = "element",
+        step_cap: float = 0.0,
         score: Literal["logit", "log_odds"] = "logit",
         later_score: Literal["logit", "log_odds"] | None = None,
         evidence_scale: Literal["stage", "image"] = "image",
@@ -376,6 +381,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.adam_beta2 must be in [0, 1), got {adam_beta2}")
         if adam_scope not in ("element", "mask"):
             raise ValueError(f"model.adam_scope must be 'element' or 'mask', got {adam_scope!r}")
+        if step_cap < 0:
+            raise ValueError(f"model.step_cap must be >= 0 (0: no bound), got {step_cap}")
         if weight_decay < 0:
             raise ValueError(f"model.weight_decay must be >= 0 (0: none), got {weight_decay}")
         if score not in ("logit", "log_odds") or later_score not in ("logit", "log_odds", None):
@@ -520,7 +527,8 @@ class MaskExplainer(LightningModule):
                         clamp=self.hparams.clamp and self.hparams.mask_param == "clamp", rate=rate,
                         eps=self.adam_eps, betas=(0.9, self.hparams.adam_beta2), shrink=self.hparams.shrink,
                         adam_restart=self.hparams.deletion_restart if self.hparams.deletion_weight else 0,
-                        decay=self.hparams.weight_decay, scope=self.hparams.adam_scope)
+                        decay=self.hparams.weight_decay, scope=self.hparams.adam_scope,
+                        cap=self.hparams.step_cap)
 
     def keep_high_resolution_float32(self) -> None:
         """Under mixed precision, hooks that run the classifier's layers down to ``float32_stride`` in

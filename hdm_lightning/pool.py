@@ -75,7 +75,7 @@ def item_size(chains: list[Chain], item: Item) -> int:
 # ------------------------------------------------------------------- per-item maths
 def adam_step(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor | float,
-    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scope: str = "element",
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scope: str = "element", cap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Adam (Kingma & Ba) with one step count (and optionally one learning rate) per item.
 
@@ -83,7 +83,9 @@ def adam_step(
     numbers after this step (1 for the first); ``lr`` a float or ``(k,)``. ``scope="mask"`` divides
     every element's step by the root mean square of its whole mask's second moment instead of its own
     (one step size a mask, as Adafactor-like and normalised-gradient methods; the steps keep the
-    gradient's proportions). Returns the new parameter and moments; nothing is changed in place.
+    gradient's proportions). ``cap > 0`` bounds every element's step by ``cap · lr`` (the mask-wide
+    step's largest elements would otherwise jump to 0 or 1 at once). Returns the new parameter and
+    moments; nothing is changed in place.
 
     Example:
         >>> p, m, v = adam_step(torch.ones(2, 1, 1), torch.tensor([[[1.]], [[-2.]]]), torch.zeros(2, 1, 1),
@@ -100,7 +102,11 @@ def adam_step(
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     second = exp_avg_sq.mean((-2, -1), keepdim=True) if scope == "mask" else exp_avg_sq
     denominator = second.sqrt() / correction2_sqrt + eps
-    return param - step_size * (exp_avg / denominator), exp_avg, exp_avg_sq
+    update = step_size * (exp_avg / denominator)
+    if cap:
+        bound = (cap * lr).to(param.dtype)
+        update = torch.maximum(torch.minimum(update, bound), -bound)
+    return param - update, exp_avg, exp_avg_sq
 
 
 def shrink_step(mask: Tensor, lr: Tensor | float, shrink: float) -> Tensor:
@@ -362,7 +368,8 @@ class MaskPool(nn.Module):
     @torch.no_grad()
     def step(self, size_of, lr: float, clamp: bool, rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
              betas: tuple[float, float] = (0.9, 0.999), eps: float | Callable[[int], float] = 1e-8,
-             shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0, scope: str = "element") -> None:
+             shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0, scope: str = "element",
+             cap: float = 0.0) -> None:
         """One Adam step of every item in flight (:func:`adam_step`; started over after each item's
         step ``adam_restart``, :func:`restarted`), a fall of every element by ``decay`` times the item's
         rate times its value (:func:`decay_step`) and by ``shrink`` times the rate (:func:`shrink_step`),
@@ -383,7 +390,7 @@ class MaskPool(nn.Module):
             moments, steps = restarted(avg[rows], avg_sq[rows], steps, adam_restart)
             old = mask[rows]
             new, avg[rows], avg_sq[rows] = adam_step(old, grad, *moments, steps,
-                                                     rates, betas, eps(size) if callable(eps) else eps, scope)
+                                                     rates, betas, eps(size) if callable(eps) else eps, scope, cap)
             new = decay_step(new, old, rates, decay) if decay else new
             new = shrink_step(new, rates, shrink) if shrink else new
             mask[rows] = new.clamp(0, 1) if clamp else new
@@ -432,10 +439,11 @@ class ItemAdam(torch.optim.Optimizer):
     def __init__(self, pool: MaskPool, size_of, lr: float, clamp: bool,
                  rate: Callable[[float, Tensor], Tensor | float] = constant_lr,
                  eps: float | Callable[[int], float] = 1e-8, betas: tuple[float, float] = (0.9, 0.999),
-                 shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0, scope: str = "element") -> None:
+                 shrink: float = 0.0, adam_restart: int = 0, decay: float = 0.0, scope: str = "element",
+                 cap: float = 0.0) -> None:
         super().__init__(list(pool.masks.values()), {"lr": lr})
         self.pool, self.size_of, self.clamp, self.rate, self.eps, self.betas = pool, size_of, clamp, rate, eps, betas
-        self.shrink, self.adam_restart, self.decay, self.scope = shrink, adam_restart, decay, scope
+        self.shrink, self.adam_restart, self.decay, self.scope, self.cap = shrink, adam_restart, decay, scope, cap
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -444,5 +452,6 @@ class ItemAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.pool.step(self.size_of, self.param_groups[0]["lr"], self.clamp, self.rate, betas=self.betas, eps=self.eps,
-                       shrink=self.shrink, adam_restart=self.adam_restart, decay=self.decay, scope=self.scope)
+                       shrink=self.shrink, adam_restart=self.adam_restart, decay=self.decay, scope=self.scope,
+                       cap=self.cap)
         return loss

@@ -367,3 +367,28 @@ def test_one_step_size_a_mask_keeps_the_gradients_proportions_and_does_not_ampli
 
     with pytest.raises(ValueError, match="model.adam_scope"):
         MaskExplainer(SpotClassifier(), adam_scope="pixel")
+
+
+def test_a_step_cap_bounds_the_mask_wide_steps_largest_jumps_and_keeps_the_small_ones_proportional():
+    """``model.step_cap``: no element moves more than ``cap · lr`` a step. Under one step size a mask
+    the strongest element of 16 would move ``4 · lr`` in the first step; capped at 0.25 it moves
+    ``0.25 · lr``, while an element with a hundredth of its gradient still moves ``0.04 · lr`` (its
+    share of the mask's root mean square), below the cap and unchanged by it."""
+    grad = torch.zeros(1, 4, 4)
+    grad[0, 0, 0], grad[0, 1, 1] = 1.0, 0.01
+    zeros = torch.zeros(1, 4, 4)
+
+    def first_step(cap: float) -> Tensor:
+        param, _, _ = adam_step(torch.full((1, 4, 4), 0.5), grad, zeros, zeros, torch.tensor([1]), 0.1,
+                                scope="mask", cap=cap)
+        return 0.5 - param[0]
+
+    free, capped = first_step(0.0), first_step(0.25)
+    assert free[0, 0] == pytest.approx(0.4, rel=1e-3)
+    assert capped[0, 0] == pytest.approx(0.025, rel=1e-3)
+    assert capped[1, 1] == pytest.approx(0.004, rel=1e-2)
+    assert capped[1, 1] == free[1, 1]
+    from hdm_lightning.module import MaskExplainer
+
+    with pytest.raises(ValueError, match="model.step_cap"):
+        MaskExplainer(SpotClassifier(), step_cap=-1)
