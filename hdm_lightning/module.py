@@ -193,6 +193,9 @@ class MaskExplainer(LightningModule):
             With ``adam_scope: mask`` an element whose gradient is many times its mask's root mean
             square would jump to 0 or 1 in one step; bounded, it moves at most as Adam at
             ``step_cap · lr`` would, and the steps stay in the gradient's proportions below the bound.
+            At ``lr 1, step_cap 0.1`` (stop 42) the 224-px mosaics' share is 0.698 (the defaults 0.471),
+            but deletion AUC on single photos is worse (0.080 and 0.034 against 0.072 and 0.027) and
+            the maps less stable (0.960 at 96 px): not the default.
         score: the class score the masks must keep: ``logit`` (the reference's ``f_c``) or
             ``log_odds`` (``f_c − logsumexp_{k≠c} f_k``; :func:`~hdm_lightning.masks.class_score`).
             Every "logit" of the method (the consistency term, the stage references and floors, the
