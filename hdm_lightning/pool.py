@@ -105,7 +105,7 @@ def adam_step(
     update = step_size * (exp_avg / denominator)
     if cap:
         bound = (cap * lr).to(param.dtype)
-        update = torch.maximum(torch.minimum(update, bound), -bound)
+        update = update.clamp(-bound, bound)
     return param - update, exp_avg, exp_avg_sq
 
 
