@@ -73,8 +73,8 @@ def tile_scores(classifier, overrides: dict, ids: list[str], size: int = 224) ->
 def photo_scores(classifier, overrides: dict, names: list[str], num_steps: int, floor: float | None,
                  alone: bool = False, size: int = 224) -> list[str]:
     """Mean deletion and insertion AUC of the photos' stage-1 maps, and each photo's (also with the
-    maps' values below ``floor`` of their maximum set to 0); with ``alone``, each map's correlation
-    with the same photo's explained in a batch of one."""
+    maps' values below ``floor`` of their maximum set to 0); with ``alone``, each photo also explained
+    by itself, and the correlation of that map with the photo's map from the batch."""
     images = torch.stack([normalise(load_image(PHOTOS[n]), size) for n in names])
     with torch.no_grad():
         targets = classifier(images).argmax(1)
