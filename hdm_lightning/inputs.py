@@ -146,14 +146,19 @@ def resolve(root: Path, image: str) -> str:
 
 
 def read_inputs(images: str) -> list[ImageRecord]:
-    """Records from ``builtin``, a folder, a ``.txt`` list, or a ``.csv``/``.json``/``.jsonl`` manifest.
+    """Records from ``builtin``, one picture (a file or ``skimage:NAME``), a folder, a ``.txt`` list,
+    or a ``.csv``/``.json``/``.jsonl`` manifest.
 
     Manifests have a column/key ``image`` (or ``path``) and optionally ``target``; relative paths
     are relative to the list file.
     """
     if images == "builtin":
         return with_names([Row(p, None, "builtin") for p in BUILTIN_PHOTOS])
+    if images.split(":")[0] in PHOTO_SOURCES:
+        return with_names([Row(images, None, "data.images")])
     path = Path(images)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return with_names([Row(str(path), None, "data.images")], root=path.parent)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:

@@ -39,6 +39,16 @@ def test_builtin_photos_and_package_paths_in_lists(tmp_path):
     assert batch["images"].mean().abs() < 2
 
 
+def test_one_picture_is_an_input_as_a_file_or_a_package_photo(tmp_path):
+    spot_images(tmp_path, count=2)
+    (record,) = read_inputs(str(tmp_path / "spot1.png"))
+    assert (record.path, record.name, record.target) == (str(tmp_path / "spot1.png"), "spot1", None)
+    (photo,) = read_inputs("skimage:coffee")
+    assert (photo.path, photo.name) == ("skimage:coffee", "coffee")
+    with pytest.raises(FileNotFoundError, match="missing.png is neither"):
+        read_inputs(str(tmp_path / "missing.png"))
+
+
 def test_duplicate_stems_get_distinct_names():
     assert stable_names(["a/x.png", "b/x.png", "y.png"]) == ["a__x", "b__x", "y"]
 
