@@ -30,8 +30,8 @@ from hdm_lightning.images import Decoding, channels, content_hash, decode, is_di
 from hdm_lightning.inputs import (  # noqa: F401 (re-exported: the inputs' API lives here for callers)
     BUILTIN_PHOTOS,
     IMAGE_SUFFIXES,
-    PHOTO_SOURCES,
     ImageRecord,
+    is_package_photo,
     read_inputs,
     read_manifest,
     stable_names,
@@ -66,7 +66,7 @@ def package_photo(path: str) -> bytes:
 def read_bytes(path: str) -> bytes:
     """The bytes of an image file or package photo; ``ValueError`` naming it when it cannot be read."""
     try:
-        if path.split(":")[0] in PHOTO_SOURCES and ":" in path:
+        if is_package_photo(path):
             return package_photo(path)
         return Path(path).read_bytes()
     except (OSError, AttributeError) as error:
@@ -102,7 +102,7 @@ def header_problem(path: str, decoding: Decoding) -> str | None:
 
     Reads only the header: cheap enough for every image before the first step.
     """
-    if path.split(":")[0] in PHOTO_SOURCES and ":" in path:
+    if is_package_photo(path):
         return None
     file = Path(path)
     if not file.is_file():

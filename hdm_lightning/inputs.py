@@ -138,9 +138,14 @@ def read_manifest(path: Path) -> list[Row]:
     return MANIFESTS[suffix](path)
 
 
+def is_package_photo(image: str) -> bool:
+    """Whether ``image`` names a photo inside an installed package (``skimage:chelsea``), not a file."""
+    return ":" in image and image.split(":")[0] in PHOTO_SOURCES
+
+
 def resolve(root: Path, image: str) -> str:
     """``image`` relative to ``root``; absolute paths and package photos (``skimage:NAME``) as they are."""
-    if Path(image).is_absolute() or image.split(":")[0] in PHOTO_SOURCES:
+    if Path(image).is_absolute() or is_package_photo(image):
         return image
     return str(root / image)
 
@@ -154,7 +159,7 @@ def read_inputs(images: str) -> list[ImageRecord]:
     """
     if images == "builtin":
         return with_names([Row(p, None, "builtin") for p in BUILTIN_PHOTOS])
-    if images.split(":")[0] in PHOTO_SOURCES:
+    if is_package_photo(images):
         return with_names([Row(images, None, "data.images")])
     path = Path(images)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
@@ -188,7 +193,7 @@ def safe_part(part: str) -> str:
 
 def path_parts(path: str, root: Path | None) -> tuple[str, ...]:
     """The components of ``path`` under ``root`` (all of them, less the anchor, elsewhere)."""
-    file = Path(path.split(":", 1)[-1]) if path.split(":")[0] in PHOTO_SOURCES else Path(path)
+    file = Path(path.split(":", 1)[-1]) if is_package_photo(path) else Path(path)
     if root is not None and file.is_relative_to(root):
         file = file.relative_to(root)
     return tuple(p for p in file.parts if p != file.anchor)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from hdm_lightning.data import ExplanationDataModule, read_inputs, stable_names, validate_records
+from hdm_lightning.inputs import resolve
 from tests.helpers.tiny import spot_images
 
 
@@ -47,6 +48,12 @@ def test_one_picture_is_an_input_as_a_file_or_a_package_photo(tmp_path):
     assert (photo.path, photo.name) == ("skimage:coffee", "coffee")
     with pytest.raises(FileNotFoundError, match="missing.png is neither"):
         read_inputs(str(tmp_path / "missing.png"))
+
+
+def test_a_manifest_entry_is_a_package_photo_only_with_its_source_and_a_colon(tmp_path):
+    assert resolve(tmp_path, "skimage:coffee") == "skimage:coffee"
+    assert resolve(tmp_path, "skimage") == str(tmp_path / "skimage")  # a file that happens to be called so
+    assert resolve(tmp_path, "photos/skimage:x.png") == str(tmp_path / "photos/skimage:x.png")
 
 
 def test_duplicate_stems_get_distinct_names():
