@@ -161,7 +161,7 @@ class HDMSchedule(Callback):
         pool = pl_module.pool
         while state.pending and pool.free():
             item = state.pending.pop(0)
-            slot = pool.admit(item, pl_module.size_of(item), pl_module.guide(state, item))
+            slot = pool.admit(item, pl_module.size_of(item), pl_module.guide(state, item), pl_module.start_of(state, item))
             pl_module.item_image[slot] = state.slot
             state.running += 1
 

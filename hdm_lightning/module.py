@@ -34,6 +34,7 @@ from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
 from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.precision import high_resolution_modules, run_in_float32
+from hdm_lightning.start import gradcam_map, start_values
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy
 from hdm_lightning.targets import KeepTarget, TargetPolicy
 
@@ -75,6 +76,7 @@ class ImageState:
     previous: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # chain -> (P_l, M_l)
     pending: list[Item] = field(default_factory=list)  # items waiting for a free row
     running: int = 0  # items in the pool
+    start_map: Tensor | None = None  # the current stage's Grad-CAM (``start: gradcam``), (H, W)
     kept: bool = True  # false once the stopping rule has stopped the image
     steps: int = 0  # optimisation steps of its items
     seconds: float = 0.0
@@ -225,7 +227,18 @@ class MaskExplainer(LightningModule):
             ``clamp(C_t / threshold, 0, 1)`` (:func:`~hdm_lightning.masks.removal`); 1 is the
             reference's soft ``x ⊙ (1 − C_t)``, under which most of the class's evidence survives
             the removal (issue 7). The evidence fusion scores the stages' removals the same way.
-        init_value: initial value of every mask element.
+        init_value: initial value of every mask element (under ``start: constant``).
+        start: where a level's mask starts: ``constant`` (``init_value``, the reference's) or
+            ``gradcam`` (:mod:`hdm_lightning.start`: the class's Grad-CAM on the stage input, each
+            cell ``low + (high − low) ·`` its share of the peak cell, ``start_range``; once a stage,
+            on the image alone). From the constant, 20-40 steps leave a haze over everything that is
+            not evidence (issue 7).
+        start_range: ``[low, high]`` of a ``gradcam`` start.
+        start_levels: ``all`` levels of a chain start from Grad-CAM, or the ``first`` (the benchmark
+            masks; finer levels at ``init_value``, guided by their parent).
+        start_layer: the layer Grad-CAM weighs (dotted path); None picks the last one with a
+            convolution (:func:`~hdm_lightning.baselines.find_target_layer`). A classifier without
+            one starts from ``init_value``, with a warning.
         clamp: project masks onto ``[0, 1]`` after each step (the original code does not; without
             it masks may go negative and level maps lose their nesting).
         mask_param: ``clamp`` (Adam moves the masks, projected onto ``[0, 1]``) or ``sigmoid`` (Adam
@@ -326,6 +339,10 @@ class MaskExplainer(LightningModule):
         level_maps: Literal["all", "last"] = "last",
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
+        start: Literal["constant", "gradcam"] = "constant",
+        start_range: tuple[float, float] = (0.1, 0.7),
+        start_levels: Literal["all", "first"] = "all",
+        start_layer: str | None = None,
         clamp: bool = True,
         mask_param: Literal["clamp", "sigmoid"] = "clamp",
         shrink: float = 0.0,
@@ -405,6 +422,11 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.blur_keeps must be in (0, 1], got {blur_keeps}")
         if not 0 <= blur_fade <= 1:
             raise ValueError(f"model.blur_fade must be in [0, 1], got {blur_fade}")
+        if start not in ("constant", "gradcam") or start_levels not in ("all", "first"):
+            raise ValueError(f"model.start must be 'constant' or 'gradcam' and model.start_levels 'all' or 'first', "
+                             f"got {start!r}, {start_levels!r}")
+        if len(start_range) != 2 or not 0 <= start_range[0] <= start_range[1] <= 1:
+            raise ValueError(f"model.start_range must be [low, high] with 0 <= low <= high <= 1, got {start_range}")
         if float32_stride < 0:
             raise ValueError(f"model.float32_stride must be >= 0 (0: no layer kept in float32), got {float32_stride}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -723,6 +745,8 @@ class MaskExplainer(LightningModule):
         self.set_deletion_reference(state, logits, target)
         state.stage_sum = torch.zeros(stage_input.shape[-2:], device=self.device)
         state.previous = {}
+        if self.hparams.start == "gradcam":
+            state.start_map = gradcam_map(self.classifier, stage_input, state.stage_target, self.hparams.start_layer)
         self.load_stage(state, stage_input, substrate)
 
     def set_deletion_reference(self, state: ImageState, logits: Tensor, target: Tensor) -> None:
@@ -763,6 +787,12 @@ class MaskExplainer(LightningModule):
         if self.hparams.level_maps == "all":
             return chains
         return [c for c in chains if len(self.chains[c].sizes) == item.level + 1]
+
+    def start_of(self, state: ImageState, item: Item) -> Tensor | None:
+        """The start of an item's mask ``(s, s)`` (``start``); None: the constant ``init_value``."""
+        if state.start_map is None or (item.level > 0 and self.hparams.start_levels == "first"):
+            return None
+        return start_values(state.start_map, self.size_of(item), *self.hparams.start_range)
 
     def guide(self, state: ImageState, item: Item) -> Tensor | None:
         """``R_b(P_{l-1})`` of an item, ``(s, s)``; None at level 0."""

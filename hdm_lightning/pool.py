@@ -289,10 +289,14 @@ class MaskPool(nn.Module):
         return self.clock - self.admitted[slot]
 
     @torch.no_grad()
-    def admit(self, item: Item, size: int, guide: Tensor | None = None) -> int:
-        """Puts ``item`` (mask size ``size``; ``guide`` ``R_b(P_{l-1})``, None at level 0) in a free row."""
+    def admit(self, item: Item, size: int, guide: Tensor | None = None, start: Tensor | None = None) -> int:
+        """Puts ``item`` (mask size ``size``; ``guide`` ``R_b(P_{l-1})``, None at level 0) in a free row,
+        its mask at ``start`` ``(s, s)`` in ``[0, 1]`` (None: ``init_value`` everywhere)."""
         slot = self.items.index(None)
-        self.masks[str(size)][slot] = self.start
+        if start is None:
+            self.masks[str(size)][slot] = self.start
+        else:
+            self.masks[str(size)][slot] = torch.logit(start.clamp(1e-3, 1 - 1e-3)) if self.sigmoid else start
         getattr(self, f"guide_{size}")[slot] = 1.0 if guide is None else guide
         getattr(self, f"exp_avg_{size}")[slot] = 0.0
         getattr(self, f"exp_avg_sq_{size}")[slot] = 0.0
