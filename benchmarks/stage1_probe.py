@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,10 +45,11 @@ BLUR = {"kernel_size": 11, "sigma": 5.0}  # the insertion curve's blurred start,
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
-    """``"NAME=k=v,k=v"`` -> (NAME, {k: v}) with YAML values (numbers, strings)."""
+    """``"NAME=k=v,k=v"`` -> (NAME, {k: v}) with YAML values (numbers, strings, lists such as
+    ``start_range=[0.2,0.8]``: commas inside brackets do not split)."""
     name, _, pairs = text.partition("=")
     overrides = {}
-    for pair in filter(None, pairs.split(",")):
+    for pair in filter(None, re.split(r",(?![^\[]*\])", pairs)):
         key, _, value = pair.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides

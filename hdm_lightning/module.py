@@ -107,7 +107,8 @@ class MaskExplainer(LightningModule):
     """HDM mask optimisation against a frozen classifier (``HDM-METHOD.md`` sections 1-3).
 
     The defaults are the ``fast`` preset (2 benchmark sizes, 2 block factors, lr 0.05 decayed, smooth masks, the
-    deletion term in log-odds), usable on a CPU; ``configs/paper.yaml`` sets the reference constants.
+    deletion term in log-odds, masks that start from the class's Grad-CAM), usable on a CPU;
+    ``configs/paper.yaml`` sets the reference constants.
 
     Args:
         classifier: the network to explain; None loads the packaged EfficientNet-Lite0.
@@ -228,14 +229,14 @@ class MaskExplainer(LightningModule):
             reference's soft ``x ⊙ (1 − C_t)``, under which most of the class's evidence survives
             the removal (issue 7). The evidence fusion scores the stages' removals the same way.
         init_value: initial value of every mask element (under ``start: constant``).
-        start: where a level's mask starts: ``constant`` (``init_value``, the reference's) or
-            ``gradcam`` (:mod:`hdm_lightning.start`: the class's Grad-CAM on the stage input, each
-            cell ``low + (high − low) ·`` its share of the peak cell, ``start_range``; once a stage,
-            on the image alone). From the constant, 20-40 steps leave a haze over everything that is
-            not evidence (issue 7).
+        start: where a level's mask starts: ``gradcam`` (the default since stop 47;
+            :mod:`hdm_lightning.start`: the class's Grad-CAM on the stage input, each cell
+            ``low + (high − low) ·`` its share of the peak cell, ``start_range``; once a stage, on the
+            image alone) or ``constant`` (``init_value``, the reference's). From the constant, 20-40
+            steps leave a haze over everything that is not evidence (issue 7).
         start_range: ``[low, high]`` of a ``gradcam`` start.
-        start_levels: ``all`` levels of a chain start from Grad-CAM, or the ``first`` (the benchmark
-            masks; finer levels at ``init_value``, guided by their parent).
+        start_levels: the ``first`` level of each chain starts from Grad-CAM (the benchmark masks;
+            finer levels at ``init_value``, guided by their parent; the default), or ``all`` levels.
         start_layer: the layer Grad-CAM weighs (dotted path); None picks the last one with a
             convolution (:func:`~hdm_lightning.baselines.find_target_layer`). A classifier without
             one starts from ``init_value``, with a warning.
@@ -339,9 +340,9 @@ class MaskExplainer(LightningModule):
         level_maps: Literal["all", "last"] = "last",
         removal_threshold: float = 1.0,
         init_value: float = 0.5,
-        start: Literal["constant", "gradcam"] = "constant",
+        start: Literal["constant", "gradcam"] = "gradcam",
         start_range: tuple[float, float] = (0.1, 0.7),
-        start_levels: Literal["all", "first"] = "all",
+        start_levels: Literal["all", "first"] = "first",
         start_layer: str | None = None,
         clamp: bool = True,
         mask_param: Literal["clamp", "sigmoid"] = "clamp",

@@ -163,12 +163,15 @@ def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys)
 
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
     """``sufficient`` leaves the term out (the defaults before stop 28), ``deletion`` measures it in
-    logits; nothing else moves: data, trainer, schedule, the other model keys."""
+    logits; both keep the constant start they were measured with (the defaults start from Grad-CAM since
+    stop 47); nothing else moves: data, trainer, schedule, the other model keys."""
     fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
     assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
-    assert without_keys(sufficient, TERMS) == without_keys(fast, TERMS)
-    assert without_keys(deletion, TERMS) == without_keys(fast, TERMS)
+    assert (fast["model"]["start"], sufficient["model"]["start"], deletion["model"]["start"]) == (
+        "gradcam", "constant", "constant")
+    assert without_keys(sufficient, (*TERMS, "start")) == without_keys(fast, (*TERMS, "start"))
+    assert without_keys(deletion, (*TERMS, "start")) == without_keys(fast, (*TERMS, "start"))
 
 
 def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
@@ -179,11 +182,13 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
 
 
 def test_scenes_preset_is_the_defaults_warmed_up_at_twice_the_rate_with_one_stage(capsys):
-    """Only the rate, the warm-up (issue 7, stop 34) and the number of stages (stop 35) move."""
+    """Only the rate, the warm-up (issue 7, stop 34), the number of stages (stop 35) and the start (the
+    constant it was measured with; the defaults' since stop 47 is Grad-CAM) move."""
     fast, scenes = printed_presets(capsys, "fast", "scenes")
     assert (fast["model"]["lr"], fast["model"]["deletion_warmup"], fast["schedule"]["stages"]) == (0.05, 0, 3)
     assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"], scenes["schedule"]["stages"]) == (0.1, 40, 1)
-    keys = ("lr", "deletion_warmup")
+    assert (fast["model"]["start"], scenes["model"]["start"]) == ("gradcam", "constant")
+    keys = ("lr", "deletion_warmup", "start")
     assert {**scenes["schedule"], "stages": 3} == fast["schedule"]
     assert without_keys(scenes, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
 

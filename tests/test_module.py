@@ -259,15 +259,19 @@ class BatchRecorder(SpotClassifier):
 
 
 @pytest.mark.parametrize("fixed_batch", [False, True])
+@pytest.mark.parametrize("start", ["constant", "gradcam"])
 def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batch_of_one_or_many(
-        images, tmp_path, fixed_batch):
+        images, tmp_path, fixed_batch, start):
     """``model.fixed_batch``: every masked batch is padded to ``chunk_size`` rows, so the kernels and an
     item's arithmetic do not depend on the other items (issue 7, stability); only the passes of one
-    image (its logits, its stage's reference, substrate and, for the deletion term, mean colour) have 1
-    to 3 rows. Without it the batches
-    follow the items in flight. The maps agree bitwise either way here (this classifier's arithmetic does
-    not depend on the batch shape); EfficientNet-Lite0's does (``benchmarks/stability.py``)."""
-    module = {"fixed_batch": fixed_batch, "chunk_size": 8}
+    image (its logits, its stage's reference, substrate and, for the deletion term, mean colour) and
+    Grad-CAM's (the start) have 1 to 3 rows. Without it the batches
+    follow the items in flight. From the constant start the maps agree bitwise either way here (this
+    classifier's arithmetic does not depend on the batch shape); EfficientNet-Lite0's does
+    (``benchmarks/stability.py``). From the Grad-CAM start (bitwise the same start in both runs) one
+    image's stage-1 map moves by 1.8e-7 between the batch of one and of two, at one thread too, while a
+    synthetic start map does not move it: not bitwise, for a reason not found (stop 47)."""
+    module = {"fixed_batch": fixed_batch, "chunk_size": 8, "start": start}
     runs = {}
     for batch_size in (1, 2):
         recorder = BatchRecorder()
@@ -276,7 +280,7 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         shapes = set(recorder.rows) - {1, 2, 3}  # passes of one image: its logits, its stage references
         assert shapes == {8} if fixed_batch else len(shapes - {8}) > 0
     for name in runs[1]:
-        np.testing.assert_array_equal(runs[1][name], runs[2][name])
+        np.testing.assert_allclose(runs[1][name], runs[2][name], rtol=0, atol=0 if start == "constant" else 1e-6)
 
 
 def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):

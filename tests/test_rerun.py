@@ -141,9 +141,9 @@ def test_resume_false_starts_the_work_in_flight_over_also_with_a_slurm_checkpoin
 
 
 def test_a_folder_of_the_defaults_before_the_deletion_term_continues_with_its_own_config(images, tmp_path):
-    """Stop 28 added the deletion term to the defaults: a folder made without it (``configs/sufficient.yaml``,
-    the defaults before) is refused by a plain run, naming the term's keys, and continued, with no step and
-    no new row, by ``--config <folder>/config.yaml``."""
+    """Stop 28 added the deletion term to the defaults, stop 47 the Grad-CAM start: a folder made without them
+    (``configs/sufficient.yaml``) is refused by a plain run, naming their keys, and continued, with no step
+    and no new row, by ``--config <folder>/config.yaml``."""
     from hdm_lightning.cli import CONFIGS
 
     out = tmp_path / "run"
@@ -153,7 +153,7 @@ def test_a_folder_of_the_defaults_before_the_deletion_term_continues_with_its_ow
     with pytest.raises(SystemExit) as stop:
         run(images, out)
     message = str(stop.value.code)
-    assert "model.deletion_score, model.deletion_substrate, model.deletion_weight;" in message
+    assert "model.deletion_score, model.deletion_substrate, model.deletion_weight, model.start;" in message
     assert f"--config {out / 'config.yaml'}" in message
     CountSteps.steps = 0
     main(["--config", str(out / "config.yaml"), "--trainer.callbacks+=tests.test_rerun.CountSteps"])
