@@ -36,7 +36,9 @@ PHOTO_SETS = {"tuning": PHOTOS, "held_out": HELD_OUT}
 #: The HDM command line every HDM row shares; each row adds its settings.
 HDM_RUN = ["train_masks.py", "--model.chunk_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
            "--trainer.enable_progress_bar=false"]
-SUFFICIENT = [*HDM_RUN, "--model.deletion_weight=0"]  # the defaults before stop 28 (configs/sufficient.yaml)
+#: The defaults before stop 28 (configs/sufficient.yaml): no deletion term, the constant start (the
+#: defaults start from Grad-CAM since stop 47); every row built on it was measured so.
+SUFFICIENT = [*HDM_RUN, "--model.deletion_weight=0", "--model.start=constant"]
 BEFORE = [*SUFFICIENT, "--model.evidence_scale=stage"]  # the defaults before issue 7's evidence_scale
 METHODS = {
     "HDM": HDM_RUN,

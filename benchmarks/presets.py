@@ -41,12 +41,12 @@ PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:roc
 #: preset name -> train_masks.py arguments; ``paper`` is the reference every other map is compared with.
 PRESETS = {
     "fast (defaults)": [],
-    # the defaults before stop 28 (configs/sufficient.yaml), and two variants of them
-    "sufficient": ["--model.deletion_weight=0"],
-    "sufficient, 200 steps": ["--model.deletion_weight=0", "--schedule.min_steps=100", "--schedule.max_steps=200",
-                              "--schedule.patience=50", "--schedule.check_every=25"],
-    "sufficient, paper's 30 masks": ["--model.deletion_weight=0", "--model.benchmark_sizes=[6,7,8,9,10,11]",
-                                     "--model.block_factors=[2,3,5]"],
+    # the defaults before stop 28 (configs/sufficient.yaml: the constant start too), and two variants of them
+    "sufficient": ["--model.deletion_weight=0", "--model.start=constant"],
+    "sufficient, 200 steps": ["--model.deletion_weight=0", "--model.start=constant", "--schedule.min_steps=100",
+                              "--schedule.max_steps=200", "--schedule.patience=50", "--schedule.check_every=25"],
+    "sufficient, paper's 30 masks": ["--model.deletion_weight=0", "--model.start=constant",
+                                     "--model.benchmark_sizes=[6,7,8,9,10,11]", "--model.block_factors=[2,3,5]"],
     "paper, fast's schedule": ["--config=configs/paper.yaml", "--model.lr=0.05", "--model.lr_schedule=cosine",
                                "--schedule.min_steps=20", "--schedule.max_steps=40", "--schedule.patience=10",
                                "--schedule.check_every=10", "--schedule.min_delta=0.01"],
