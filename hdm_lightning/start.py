@@ -11,12 +11,14 @@ classifier pass and one backward of the image alone (so it does not depend on th
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # classifiers warned about: once, not per image
 
 
 def gradcam_map(classifier: nn.Module, image: Tensor, target: int, layer: str | None = None) -> Tensor | None:
@@ -30,13 +32,19 @@ def gradcam_map(classifier: nn.Module, image: Tensor, target: int, layer: str | 
         with torch.autocast(image.device.type, enabled=False):
             cam = GradCAM(layer).explain(classifier, image[None].float(), torch.tensor([target], device=image.device))
     except Exception as error:  # noqa: BLE001 (a start, not the method: any failure leaves the constant)
-        log.warning("model.start gradcam: no Grad-CAM for this classifier (%s); masks start at model.init_value", error)
+        warn_once(classifier, f"no Grad-CAM for this classifier ({error})")
         return None
     if cam.shape[-2:] != image.shape[-2:] or not torch.isfinite(cam).all():
-        log.warning("model.start gradcam: Grad-CAM of shape %s is unusable; masks start at model.init_value",
-                    tuple(cam.shape))
+        warn_once(classifier, f"Grad-CAM of shape {tuple(cam.shape)} is unusable")
         return None
     return cam[0] if cam.max() > 0 else None
+
+
+def warn_once(classifier: nn.Module, reason: str) -> None:
+    """Warns that ``classifier``'s masks start from the constant, once per classifier."""
+    if classifier not in _warned:
+        _warned.add(classifier)
+        log.warning("model.start gradcam: %s; masks start at model.init_value", reason)
 
 
 def start_values(start_map: Tensor, size: int, low: float, high: float) -> Tensor:
