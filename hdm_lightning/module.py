@@ -235,7 +235,7 @@ class MaskExplainer(LightningModule):
             image alone) or ``constant`` (``init_value``, the reference's). From the constant, 20-40
             steps leave a haze over everything that is not evidence (issue 7).
         start_range: ``[low, high]`` of a ``gradcam`` start; ``[0.2, 0.8]`` since stop 48 (better
-            deletion and insertion on single photos than ``[0.1, 0.7]``, the same mosaics).
+            deletion and insertion on single photos than ``[0.1, 0.7]``, about the same mosaics).
         start_levels: the ``first`` level of each chain starts from Grad-CAM (the benchmark masks;
             finer levels at ``init_value``, guided by their parent; the default), or ``all`` levels.
         start_layer: the layer Grad-CAM weighs (dotted path); None picks the last one with a
