@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=None, help="also score the maps zeroed below this share")
     parser.add_argument("--alone", action="store_true", help="also explain each photo alone: map correlation")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224, help="input side of the mosaics (px); photos stay at 224")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from hdm_lightning.models import EfficientNetLite0, freeze
@@ -119,7 +120,7 @@ def main() -> None:
     classifier = freeze(EfficientNetLite0())
     for name, overrides in map(parse_setting, args.settings or ["defaults="]):
         start = time.perf_counter()
-        lines = tile_scores(classifier, overrides, args.targets) if args.targets else []
+        lines = tile_scores(classifier, overrides, args.targets, args.size) if args.targets else []
         if args.photos:
             lines += photo_scores(classifier, overrides, args.photos, args.num_steps, args.floor, args.alone)
         print(f"## {name} {overrides} ({time.perf_counter() - start:.0f} s)", *lines, sep="\n  ", flush=True)
