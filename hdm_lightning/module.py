@@ -154,6 +154,12 @@ class MaskExplainer(LightningModule):
             it trades the term's deletion gain for share and insertion; with ``lr 0.1`` (40 steps) the
             224-px mosaics' share in the class's tile is 0.736 against the defaults' 0.471, 0.773 with
             one stage (the ``scenes`` preset; docs/experiments.md, stops 34 and 35).
+        deletion_threshold: how much of a kept region the deletion term removes:
+            ``clamp(Up(P) / threshold, 0, 1)`` (:func:`~hdm_lightning.masks.removal`); 1 removes
+            ``Up(P)``, as the masks keep it. Below 1 a region kept at ``threshold`` or more is removed
+            entirely, so once the class's regions are, what is left of the class is gone and the term's
+            gradient with it, instead of a dense gradient over the whole image while the kept regions
+            are only partly removed (the haze, issue 7).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -324,6 +330,7 @@ class MaskExplainer(LightningModule):
         deletion_score: Literal["same", "log_odds"] = "log_odds",
         deletion_restart: int = 0,
         deletion_warmup: int = 0,
+        deletion_threshold: float = 1.0,
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -380,6 +387,8 @@ class MaskExplainer(LightningModule):
                              f"model.weight_decay), got {mask_param!r}")
         if deletion_warmup < 0:
             raise ValueError(f"model.deletion_warmup must be >= 0 (0: the full weight at once), got {deletion_warmup}")
+        if not 0 < deletion_threshold <= 1:
+            raise ValueError(f"model.deletion_threshold must be in (0, 1], got {deletion_threshold}")
         if deletion_restart < 0:
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
@@ -508,7 +517,9 @@ class MaskExplainer(LightningModule):
             losses = losses.detach()
         if self.hparams.deletion_weight:  # a second pass, the first's batch shape
             with torch.autocast(self.device.type, enabled=False):
-                removed = M.apply_mask(self.stage_input[images], 1 - up, self.deletion_base(images))
+                threshold = self.hparams.deletion_threshold
+                gone = up if threshold == 1 else M.removal(up, threshold)
+                removed = M.apply_mask(self.stage_input[images], 1 - gone, self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)
             if self.hparams.deletion_warmup:

@@ -66,6 +66,27 @@ def test_shrink_clears_the_haze_the_deletion_term_leaves(images, tmp_path):
         assert spot_mass(clear) > 1.3 * spot_mass(hazy)
 
 
+def test_deletion_threshold_removes_the_kept_regions_whole_and_thins_the_haze(images, tmp_path):
+    """``model.deletion_threshold`` (issue 7, stop 50): the deletion term removes a region kept at the
+    threshold or more entirely, so once the square is kept the term has nothing left to ask for, and the
+    dense gradient it gives the whole image while the square is only partly removed stops sooner.
+    Measured (two images): median outside the square 0.017 / 0.016 and spot mass 0.31 / 0.32 at 1 (the
+    defaults), 0.012 / 0.011 and 0.34 / 0.34 at 0.5."""
+    runs = {t: maps(explain(images, tmp_path / f"threshold{t}", module={"deletion_threshold": t})) for t in (1.0, 0.5)}
+    outside = np.ones((SIZE, SIZE), dtype=bool)
+    outside[SPOT] = False
+    for name in runs[1.0]:
+        whole, partial = runs[0.5][name], runs[1.0][name]
+        assert np.median(whole[outside]) < 0.85 * np.median(partial[outside]), name
+        assert spot_mass(whole) > 1.03 * spot_mass(partial), name
+
+
+def test_deletion_threshold_must_be_a_share_of_the_mask():
+    for threshold in (0.0, 1.5):
+        with pytest.raises(ValueError, match="model.deletion_threshold"):
+            MaskExplainer(classifier=SpotClassifier(), deletion_threshold=threshold)
+
+
 def test_floor_cuts_the_haze_and_keeps_the_rest_of_the_map(images, tmp_path):
     """``model.map_floor`` (issue 7, stop 30): with it the fused map is the map without it with its values
     up to the floor in the index row scaled by 1e-3, checked against the classifier; on this toy the
