@@ -164,14 +164,17 @@ def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys)
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
     """``sufficient`` leaves the term out (the defaults before stop 28), ``deletion`` measures it in
     logits; both keep the constant start they were measured with (the defaults start from Grad-CAM since
-    stop 47); nothing else moves: data, trainer, schedule, the other model keys."""
+    stop 47), and ``deletion`` removes the kept regions as kept (the defaults at half or more since stop
+    50); nothing else moves: data, trainer, schedule, the other model keys."""
     fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
     assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
     assert (fast["model"]["start"], sufficient["model"]["start"], deletion["model"]["start"]) == (
         "gradcam", "constant", "constant")
     assert without_keys(sufficient, (*TERMS, "start")) == without_keys(fast, (*TERMS, "start"))
-    assert without_keys(deletion, (*TERMS, "start")) == without_keys(fast, (*TERMS, "start"))
+    assert (fast["model"]["deletion_threshold"], deletion["model"]["deletion_threshold"]) == (0.5, 1.0)  # stop 50
+    assert without_keys(deletion, (*TERMS, "start", "deletion_threshold")) == without_keys(
+        fast, (*TERMS, "start", "deletion_threshold"))
 
 
 def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
