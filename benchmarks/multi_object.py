@@ -19,6 +19,7 @@ Usage:
     python benchmarks/multi_object.py                      # everything at 448 px (tiles of 224)
     python benchmarks/multi_object.py --hdm "HDM lr 0.1=--model.lr 0.1" --only "HDM lr 0.1"
     python benchmarks/multi_object.py --report-only        # tables and figure from the cache
+    python benchmarks/multi_object.py --report-only --figure "HDM defaults" --figure Grad-CAM --figure_out docs/scenes.png
     python benchmarks/multi_object.py --variant lite2 --size 224 --only "HDM defaults" --only Grad-CAM
 """
 
@@ -365,12 +366,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", action="append", default=[], metavar="METHOD",
                         help="compute only this method (repeatable); the report still lists every cached one")
     parser.add_argument("--target", action="append", default=[], metavar="ID",
-                        help="compute only this target (repeatable), e.g. mosaic_a_285 (ids are printed first)")
+                        help="compute (and draw) only this target (repeatable), e.g. mosaic_a_285 (ids are printed first)")
     parser.add_argument("--hdm", action="append", default=[], metavar="NAME=ARGS",
                         help="add an HDM variant: a name and train_masks.py overrides, e.g. 'lr 0.1=--model.lr 0.1'")
     parser.add_argument("--redo", action="store_true", help="recompute the selected methods' cached results")
     parser.add_argument("--report-only", action="store_true", help="compute nothing; tables and figure from the cache")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each HDM run")
+    parser.add_argument("--figure", action="append", default=[], metavar="METHOD",
+                        help="a column of the figure (repeatable, in this order); default every method with results")
+    parser.add_argument("--figure_out", type=Path, default=None,
+                        help="where the figure goes; default <results>/[<variant>/]size<S>/maps.png")
     parser.add_argument("--variant", default="lite0",
                         help="EfficientNet-Lite variant explained (lite0 … lite4; all but lite0 need the `lite` "
                              "extra); results of a variant other than lite0 go to <results>/<variant>/")
@@ -406,9 +411,9 @@ def main() -> None:
     methods = {**baselines(args.size), **hdm_variants(args.hdm)}
     if unknown := sorted(set(args.target) - {t.id for t in targets}):
         raise ValueError(f"--target {unknown}: unknown target; known: {[t.id for t in targets]}")
-    unknown = [m for m in args.only if m not in methods]
-    if unknown:
-        raise ValueError(f"--only {unknown}: unknown method; known: {list(methods)}")
+    for option, names in (("--only", args.only), ("--figure", args.figure)):
+        if unknown := [m for m in names if m not in methods]:
+            raise ValueError(f"{option} {unknown}: unknown method; known: {list(methods)}")
     engine, engine_dir = engine_snapshot(base)
     folders = {m: base / slug(m) / (f"engine-{engine}" if isinstance(methods[m], list) else "") for m in methods}
     if len(set(folders.values())) != len(folders):
@@ -450,9 +455,13 @@ def main() -> None:
     shown = [m for m in methods if results[m]]
     text = summary(results, targets, shown, args.size, engine, args.variant)
     write_atomic(base / "summary.md", text.encode())
-    figure(base / "maps.png", scenes, targets, {m: folders[m] for m in shown})
+    if missing := [m for m in args.figure if m not in shown]:
+        raise ValueError(f"--figure {missing}: no results of this engine at {args.size} px; compute them first")
+    picture = args.figure_out or base / "maps.png"
+    rows = [t for t in targets if not args.target or t.id in args.target]
+    figure(picture, scenes, rows, {m: folders[m] for m in args.figure or shown})
     print(text)
-    print(f"written: {base / 'summary.md'}, {base / 'maps.png'}")
+    print(f"written: {base / 'summary.md'}, {picture}")
 
 
 if __name__ == "__main__":
