@@ -335,6 +335,20 @@ def removal(found: Tensor, threshold: float = 1.0) -> Tensor:
     return (found / threshold).clamp(0, 1)
 
 
+def smooth_removal(found: Tensor, threshold: float = 1.0) -> Tensor:
+    """:func:`removal` with a smooth edge: ``1 − (1 − clamp(C / threshold, 0, 1))²``.
+
+    Zero at 0 and 1 from ``threshold`` on, like :func:`removal`, but its slope falls to 0 at the
+    threshold instead of dropping there from ``1 / threshold``: a gradient through it has no kink
+    for the masks to chatter across.
+
+    Example:
+        >>> smooth_removal(torch.tensor([0.0, 0.25, 0.5, 1.0]), 0.5)
+        tensor([0.0000, 0.7500, 1.0000, 1.0000])
+    """
+    return 1 - (1 - (found / threshold).clamp(0, 1)) ** 2
+
+
 def remove_found(
     images: Tensor, found: Tensor, mean: Tensor, std: Tensor
 ) -> Tensor:

@@ -163,6 +163,9 @@ class MaskExplainer(LightningModule):
             EfficientNet-Lite0 (docs/experiments.md, stop 50): 224-px mosaics share in the class's
             tile 0.750 against 0.692 (pointing 1.00 both); tuning photos deletion / insertion 0.050 /
             0.362 against 0.060 / 0.346; on the decoy toy the term moves less of the map off the decoy.
+        deletion_edge: ``hard`` removes ``clamp(Up(P) / threshold, 0, 1)``; ``smooth``
+            :func:`~hdm_lightning.masks.smooth_removal`, whose slope falls to 0 at the threshold (an
+            experiment of stop 51 on the maps' dependence on arithmetic noise).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -334,6 +337,7 @@ class MaskExplainer(LightningModule):
         deletion_restart: int = 0,
         deletion_warmup: int = 0,
         deletion_threshold: float = 0.5,
+        deletion_edge: str = "hard",
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -392,6 +396,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.deletion_warmup must be >= 0 (0: the full weight at once), got {deletion_warmup}")
         if not 0 < deletion_threshold <= 1:
             raise ValueError(f"model.deletion_threshold must be in (0, 1], got {deletion_threshold}")
+        if deletion_edge not in ("hard", "smooth"):
+            raise ValueError(f"model.deletion_edge must be 'hard' or 'smooth', got {deletion_edge!r}")
         if deletion_restart < 0:
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
@@ -520,8 +526,9 @@ class MaskExplainer(LightningModule):
             losses = losses.detach()
         if self.hparams.deletion_weight:  # a second pass, the first's batch shape
             with torch.autocast(self.device.type, enabled=False):
-                threshold = self.hparams.deletion_threshold
-                gone = up if threshold == 1 else M.removal(up, threshold)
+                threshold, edge = self.hparams.deletion_threshold, self.hparams.deletion_edge
+                gone = (M.smooth_removal(up, threshold) if edge == "smooth"
+                        else up if threshold == 1 else M.removal(up, threshold))
                 removed = M.apply_mask(self.stage_input[images], 1 - gone, self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)

@@ -169,3 +169,15 @@ def test_floor_map_stops_at_the_first_level_that_costs_too_much():
 
     cut, floor, _ = M.floor_map(fused, score, 0.05)
     assert floor == 0.05 and torch.equal(cut, fused)
+
+
+def test_smooth_removal_meets_the_hard_one_at_both_ends_with_no_kink_at_the_threshold():
+    found = torch.linspace(0, 1, 101, requires_grad=True)
+    smooth, hard = M.smooth_removal(found, 0.5), M.removal(found, 0.5)
+    assert torch.equal(smooth[found >= 0.5], hard[found >= 0.5])  # all removed from the threshold on
+    assert smooth[0] == hard[0] == 0
+    assert bool((smooth >= hard).all())  # removes at least as much below the threshold
+    (slope,) = torch.autograd.grad(smooth.sum(), found)
+    assert slope[1] == pytest.approx(2 * (1 - 0.01 / 0.5) / 0.5)  # 2 / threshold near 0 ...
+    assert slope[49] == pytest.approx(2 * (1 - 0.49 / 0.5) / 0.5, abs=1e-5)  # ... falling linearly ...
+    assert slope[50:].abs().max() == 0  # ... to 0 at the threshold: no drop there

@@ -87,6 +87,8 @@ def test_deletion_threshold_must_be_a_share_of_the_mask():
     for threshold in (0.0, 1.5):
         with pytest.raises(ValueError, match="model.deletion_threshold"):
             MaskExplainer(classifier=SpotClassifier(), deletion_threshold=threshold)
+    with pytest.raises(ValueError, match="model.deletion_edge"):
+        MaskExplainer(classifier=SpotClassifier(), deletion_edge="soft")
 
 
 def test_floor_cuts_the_haze_and_keeps_the_rest_of_the_map(images, tmp_path):
