@@ -19,7 +19,7 @@ Usage:
     python benchmarks/multi_object.py                      # everything at 448 px (tiles of 224)
     python benchmarks/multi_object.py --hdm "HDM lr 0.1=--model.lr 0.1" --only "HDM lr 0.1"
     python benchmarks/multi_object.py --report-only        # tables and figure from the cache
-    python benchmarks/multi_object.py --report-only --figure "HDM defaults" --figure Grad-CAM --figure_out docs/scenes.png
+    python benchmarks/multi_object.py --report-only --figure "HDM defaults" --figure Grad-CAM --figure_out docs/mosaics448.png
     python benchmarks/multi_object.py --variant lite2 --size 224 --only "HDM defaults" --only Grad-CAM
 """
 
