@@ -349,6 +349,22 @@ def smooth_removal(found: Tensor, threshold: float = 1.0) -> Tensor:
     return 1 - (1 - (found / threshold).clamp(0, 1)) ** 2
 
 
+def rounded_removal(found: Tensor, threshold: float, width: float) -> Tensor:
+    """:func:`removal` with its kink at the threshold rounded over ``x = C / threshold`` in ``1 ± width``.
+
+    The slope is ``1 / threshold`` below ``1 − width``, falls linearly to 0 across the band and is 0
+    above it (``x − (x − 1 + width)² / (4 width)`` inside), so the removal equals :func:`removal`
+    outside the band and its gradient has no jump for the masks to chatter across.
+
+    Example:
+        >>> rounded_removal(torch.tensor([0.0, 0.2, 0.5, 1.0]), 0.5, 0.2)
+        tensor([0.0000, 0.4000, 0.9500, 1.0000])
+    """
+    x = found / threshold
+    inside = x - (x - 1 + width).clamp_min(0) ** 2 / (4 * width)
+    return torch.where(x >= 1 + width, torch.ones_like(x), inside).clamp_min(0)
+
+
 def remove_found(
     images: Tensor, found: Tensor, mean: Tensor, std: Tensor
 ) -> Tensor:

@@ -181,3 +181,15 @@ def test_smooth_removal_meets_the_hard_one_at_both_ends_with_no_kink_at_the_thre
     assert slope[1] == pytest.approx(2 * (1 - 0.01 / 0.5) / 0.5)  # 2 / threshold near 0 ...
     assert slope[49] == pytest.approx(2 * (1 - 0.49 / 0.5) / 0.5, abs=1e-5)  # ... falling linearly ...
     assert slope[50:].abs().max() == 0  # ... to 0 at the threshold: no drop there
+
+
+def test_rounded_removal_is_the_hard_one_outside_its_band_with_a_continuous_slope_inside():
+    found = torch.linspace(0, 1, 101, dtype=torch.float64, requires_grad=True)
+    rounded, hard = M.rounded_removal(found, 0.5, 0.2), M.removal(found, 0.5)
+    outside = (found <= 0.4 + 1e-9) | (found >= 0.6 - 1e-9)  # x = found / 0.5 outside 1 ± 0.2
+    assert torch.allclose(rounded[outside], hard[outside])
+    assert bool((rounded <= hard + 1e-12).all()) and float(rounded[50]) == pytest.approx(1 - 0.2 / 4)
+    (slope,) = torch.autograd.grad(rounded.sum(), found)
+    assert float(slope[10]) == pytest.approx(2) and slope[60:].abs().max() == 0
+    assert float(slope[50]) == pytest.approx(1)  # half of 1 / threshold at the threshold: falling linearly ...
+    assert slope.diff()[1:].abs().max() < 0.11  # ... with no jump (a step of 0.01 moves it by 0.1 at most)
