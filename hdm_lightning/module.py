@@ -168,7 +168,8 @@ class MaskExplainer(LightningModule):
             experiment of stop 51 on the maps' dependence on arithmetic noise).
         deletion_edge_width: with the hard edge, its kink at the threshold rounded over
             ``Up(P) / threshold`` in ``1 ± width`` (:func:`~hdm_lightning.masks.rounded_removal`;
-            0 keeps the kink). At the kink the term's gradient jumps from ``1 / threshold`` to 0, masks
+            0 keeps the kink; the smooth edge and threshold 1 have no kink inside the masks' range
+            and ignore it). At the kink the term's gradient jumps from ``1 / threshold`` to 0, masks
             that the sparsity term lowers onto it chatter across it, and which side an element ends
             on is decided by float noise: the maps then depend on the thread count (issue 7).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
@@ -343,7 +344,7 @@ class MaskExplainer(LightningModule):
         deletion_warmup: int = 0,
         deletion_threshold: float = 0.5,
         deletion_edge: str = "hard",
-        deletion_edge_width: float = 0.0,
+        deletion_edge_width: float = 0.2,
         smoothness_weight: float = 4.0,
         lr: float = 5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -404,9 +405,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.deletion_threshold must be in (0, 1], got {deletion_threshold}")
         if deletion_edge not in ("hard", "smooth"):
             raise ValueError(f"model.deletion_edge must be 'hard' or 'smooth', got {deletion_edge!r}")
-        if not 0 <= deletion_edge_width <= 1 or (deletion_edge_width and deletion_edge != "hard"):
-            raise ValueError(f"model.deletion_edge_width must be in [0, 1] and rounds only the hard edge, "
-                             f"got {deletion_edge_width} with deletion_edge {deletion_edge!r}")
+        if not 0 <= deletion_edge_width <= 1:
+            raise ValueError(f"model.deletion_edge_width must be in [0, 1], got {deletion_edge_width}")
         if deletion_restart < 0:
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
@@ -538,8 +538,9 @@ class MaskExplainer(LightningModule):
                 threshold, edge = self.hparams.deletion_threshold, self.hparams.deletion_edge
                 width = self.hparams.deletion_edge_width
                 gone = (M.smooth_removal(up, threshold) if edge == "smooth"
+                        else up if threshold == 1
                         else M.rounded_removal(up, threshold, width) if width
-                        else up if threshold == 1 else M.removal(up, threshold))
+                        else M.removal(up, threshold))
                 removed = M.apply_mask(self.stage_input[images], 1 - gone, self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)

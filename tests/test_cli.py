@@ -186,13 +186,15 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
 
 def test_scenes_preset_is_the_defaults_warmed_up_at_twice_the_rate_with_one_stage(capsys):
     """Only the rate, the warm-up (issue 7, stop 34), the number of stages (stop 35) and the start's range
-    move; both start from Grad-CAM (stop 47), `scenes` at the range it was measured with (stop 48)."""
+    move; both start from Grad-CAM (stop 47), `scenes` at the range and the hard deletion edge it was
+    measured with (stops 48 and 52)."""
     fast, scenes = printed_presets(capsys, "fast", "scenes")
     assert (fast["model"]["lr"], fast["model"]["deletion_warmup"], fast["schedule"]["stages"]) == (0.05, 0, 3)
     assert (scenes["model"]["lr"], scenes["model"]["deletion_warmup"], scenes["schedule"]["stages"]) == (0.1, 40, 1)
     assert fast["model"]["start"] == scenes["model"]["start"] == "gradcam"
     assert (list(fast["model"]["start_range"]), list(scenes["model"]["start_range"])) == ([0.2, 0.8], [0.1, 0.7])
-    keys = ("lr", "deletion_warmup", "start_range")
+    assert (fast["model"]["deletion_edge_width"], scenes["model"]["deletion_edge_width"]) == (0.2, 0.0)
+    keys = ("lr", "deletion_warmup", "start_range", "deletion_edge_width")
     assert {**scenes["schedule"], "stages": 3} == fast["schedule"]
     assert without_keys(scenes, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
 
