@@ -83,6 +83,18 @@ def test_deletion_threshold_removes_the_kept_regions_whole_and_thins_the_haze(im
         assert spot_mass(whole) > 1.03 * spot_mass(partial), name
 
 
+def test_deletion_edge_width_rounds_only_a_kink_inside_the_masks_range(images, tmp_path):
+    """``model.deletion_edge_width`` (stop 52) moves the maps at threshold 0.5, where the removal has a
+    kink at 0.5, and does nothing at threshold 1, whose kink is the masks' upper bound."""
+    def run(threshold, width):
+        return maps(explain(images, tmp_path / f"t{threshold}w{width}",
+                            module={"deletion_threshold": threshold, "deletion_edge_width": width}))
+    hard, rounded = run(1.0, 0.0), run(1.0, 0.2)
+    assert all(np.array_equal(hard[name], rounded[name]) for name in hard)
+    hard, rounded = run(0.5, 0.0), run(0.5, 0.2)
+    assert all(not np.array_equal(hard[name], rounded[name]) for name in hard)
+
+
 def test_deletion_threshold_must_be_a_share_of_the_mask():
     for threshold in (0.0, 1.5):
         with pytest.raises(ValueError, match="model.deletion_threshold"):
