@@ -362,7 +362,7 @@ def rounded_removal(found: Tensor, threshold: float, width: float) -> Tensor:
     """
     x = found / threshold
     inside = x - (x - 1 + width).clamp_min(0) ** 2 / (4 * width)
-    return torch.where(x >= 1 + width, torch.ones_like(x), inside).clamp_min(0)
+    return inside.masked_fill(x >= 1 + width, 1).clamp_min(0)
 
 
 def remove_found(
