@@ -41,6 +41,7 @@ PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:roc
 #: preset name -> train_masks.py arguments; ``paper`` is the reference every other map is compared with.
 PRESETS = {
     "fast (defaults)": [],
+    "fine": ["--config=configs/fine.yaml"],  # half the rate over twice the steps (stop 55)
     # the defaults before stop 28 (configs/sufficient.yaml: the constant start too), and two variants of them
     "sufficient": ["--model.deletion_weight=0", "--model.start=constant"],
     "sufficient, 200 steps": ["--model.deletion_weight=0", "--model.start=constant", "--schedule.min_steps=100",

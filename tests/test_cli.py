@@ -113,7 +113,7 @@ def test_imported_classifier_loads_its_checkpoint(tmp_path):
         ImportedClassifier("nowhere.Model")
 
 
-@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "deletion", "mdm", "demo", "cluster"])
+@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "deletion", "mdm", "demo", "cluster", "fine"])
 def test_every_preset_parses(preset, capsys):
     from hdm_lightning.cli import CONFIGS
 
@@ -197,6 +197,16 @@ def test_scenes_preset_is_the_defaults_warmed_up_at_twice_the_rate_with_one_stag
     keys = ("lr", "deletion_warmup", "start_range", "deletion_edge_width")
     assert {**scenes["schedule"], "stages": 3} == fast["schedule"]
     assert without_keys(scenes, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
+
+
+def test_fine_preset_is_the_defaults_at_half_the_rate_over_twice_the_steps(capsys):
+    """Only the rate and the steps a level move (issue 7, stop 55); the cosine decay follows ``max_steps``
+    (``test_cosine_horizon_is_linked_to_max_steps``)."""
+    fast, fine = printed_presets(capsys, "fast", "fine")
+    assert (fine["model"]["lr"], fast["model"]["lr"]) == (0.025, 0.05)
+    assert (fine["schedule"]["min_steps"], fine["schedule"]["max_steps"]) == (40, 80)
+    assert {**fine["schedule"], "min_steps": 20, "max_steps": 40} == fast["schedule"]
+    assert without_keys(fine, ("lr",)) | {"schedule": None} == without_keys(fast, ("lr",)) | {"schedule": None}
 
 
 def test_reference_presets_leave_the_deletion_term_and_the_floor_out(capsys):
