@@ -127,7 +127,8 @@ def main() -> None:
              + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
              "| pair | " + " | ".join(names(args.out / "batch1")) + " | min |", "|---|" + "---|" * (args.photos + 1)]
     pairs = [p for p in PAIRS if set(p) <= set(args.runs)]
-    scores = auc_scores(args.out, args.runs, args.size, args.variant) if args.aucs and pairs else {}
+    paired = [name for name in args.runs if any(name in pair for pair in pairs)]  # only these are compared
+    scores = auc_scores(args.out, paired, args.size, args.variant) if args.aucs and pairs else {}
     for first, second in pairs:
         values = []
         for name in names(args.out / first):
