@@ -44,12 +44,15 @@ from mosaics import COVER_RULE, Target, build_scenes, normalise, score
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "multi_object"
 
+#: configs/fast.yaml's rate and steps: the defaults' up to stop 55.
+FAST = ["--model.lr", "0.05", "--schedule.min_steps", "20", "--schedule.max_steps", "40"]
 #: configs/sufficient.yaml: no deletion term, the constant start (the defaults' until stop 47), as every
 #: variant below was measured.
-NO_DELETION = ["--model.deletion_weight", "0", "--model.start", "constant"]
+NO_DELETION = ["--model.deletion_weight", "0", "--model.start", "constant", *FAST]
 #: HDM variants: name -> command-line overrides of ``train_masks.py`` (``--hdm NAME=ARGS`` adds more).
 HDM_VARIANTS: dict[str, list[str]] = {
     "HDM defaults": [],
+    "HDM fast": FAST,  # the defaults to stop 55 (configs/fast.yaml)
     "HDM sufficient": NO_DELETION,  # the defaults before stop 28 (configs/sufficient.yaml)
     # measured before evidence_scale "image" became the default (README "Several objects")
     "HDM log-odds": [*NO_DELETION, "--model.score", "log_odds", "--model.evidence_scale", "stage"],

@@ -2,7 +2,7 @@
 
 Real photos (scikit-image, matplotlib, scikit-learn), each explained for EfficientNet-Lite0's (or
 ``--variant``'s; its runs go to ``<out>/<variant>/``) top-1 class through the real command line with
-``configs/paper.yaml``, the defaults (``fast``) and presets between them; then, per preset:
+``configs/paper.yaml``, the defaults (``fine``), ``fast`` and presets between them; then, per preset:
 classifier passes per image (the index rows' ``passes``: masked images sent through the classifier),
 the preset's wall seconds over the photos this call explained, start-up included (images share the pool, so an index
 row's own ``seconds`` is its time in flight, not its cost), deletion and insertion AUC (RISE
@@ -40,13 +40,14 @@ PHOTOS = ["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:roc
           "matplotlib:grace_hopper.jpg", "sklearn:china.jpg", "sklearn:flower.jpg"]
 #: preset name -> train_masks.py arguments; ``paper`` is the reference every other map is compared with.
 PRESETS = {
-    "fast (defaults)": [],
-    "fine": ["--config=configs/fine.yaml"],  # half the rate over twice the steps (stop 55)
-    # the defaults before stop 28 (configs/sufficient.yaml: the constant start too), and two variants of them
-    "sufficient": ["--model.deletion_weight=0", "--model.start=constant"],
-    "sufficient, 200 steps": ["--model.deletion_weight=0", "--model.start=constant", "--schedule.min_steps=100",
+    "fine (defaults)": [],  # the defaults since stop 56 (configs/fine.yaml)
+    "fast": ["--config=configs/fast.yaml"],  # twice the rate over half the steps: the defaults to stop 55
+    # the defaults before stop 28 (configs/sufficient.yaml: the constant start and fast's rate and steps too),
+    # and two variants of them
+    "sufficient": ["--config=configs/sufficient.yaml"],
+    "sufficient, 200 steps": ["--config=configs/sufficient.yaml", "--schedule.min_steps=100",
                               "--schedule.max_steps=200", "--schedule.patience=50", "--schedule.check_every=25"],
-    "sufficient, paper's 30 masks": ["--model.deletion_weight=0", "--model.start=constant",
+    "sufficient, paper's 30 masks": ["--config=configs/sufficient.yaml",
                                      "--model.benchmark_sizes=[6,7,8,9,10,11]", "--model.block_factors=[2,3,5]"],
     "paper, fast's schedule": ["--config=configs/paper.yaml", "--model.lr=0.05", "--model.lr_schedule=cosine",
                                "--schedule.min_steps=20", "--schedule.max_steps=40", "--schedule.patience=10",

@@ -63,7 +63,7 @@ class HDMSchedule(Callback):
     once (the next level of its chains; after the stage's last item, the next stage's first
     level), and while there is room the next image's items enter; an image is handed to the
     writer the moment its last stage ends. Every decision reads the image's own numbers only.
-    The defaults are the ``fast`` preset's (20-40 steps); ``configs/paper.yaml`` sets the
+    The defaults are 40-80 steps (``configs/fine.yaml``; ``configs/fast.yaml`` 20-40); ``configs/paper.yaml`` sets the
     reference's 800-2000 steps with a patience of 500.
 
     The run folder is the truth: images whose fused map is there are never started, also when a
@@ -85,8 +85,8 @@ class HDMSchedule(Callback):
         self,
         out_dir: str = "runs/hdm",
         stages: int = 3,
-        min_steps: int = 20,
-        max_steps: int = 40,
+        min_steps: int = 40,
+        max_steps: int = 80,
         patience: int = 10,
         min_delta: float = 1e-2,
         check_every: int = 10,

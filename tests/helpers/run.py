@@ -14,12 +14,13 @@ from tests.helpers.tiny import SIZE, SpotClassifier
 HALF = (0.5, 0.5, 0.5)
 SMALL_MASKS = {"benchmark_sizes": (3, 4), "block_factors": (2, 3), "max_size": 16}
 SHORT_SCHEDULE = {"stages": 2, "min_steps": 20, "max_steps": 40, "patience": 10, "check_every": 10}
+SHORT_RATE = {"lr": 0.05, "lr_horizon": 40}  # configs/fast.yaml's rate, decayed over SHORT_SCHEDULE's steps
 
 
 def build(images, out_dir, classifier=None, batch_size=1, module=None, schedule=None, trainer=None, callbacks=()):
     """Module, data, callbacks and Trainer of a small HDM run."""
     model = MaskExplainer(
-        classifier=classifier or SpotClassifier(), mean=HALF, std=HALF, **{"lr": 0.05, **SMALL_MASKS, **(module or {})}
+        classifier=classifier or SpotClassifier(), mean=HALF, std=HALF, **{**SHORT_RATE, **SMALL_MASKS, **(module or {})}
     )
     data = ExplanationDataModule(str(images), image_size=SIZE, mean=HALF, std=HALF, batch_size=batch_size)
     callbacks = [HDMSchedule(str(out_dir), **{**SHORT_SCHEDULE, **(schedule or {})}), MapWriter(str(out_dir)), *callbacks]
