@@ -19,8 +19,8 @@ One run, one model (EfficientNet-Lite0 by default), one image size, real photos:
 (e) the same for the engine before issue 8 (``--engine old`` with ``PYTHONPATH`` at a checkout of
     it; ``--compare PATH`` runs it in a subprocess and prints both rows).
 
-Schedules: ``fast`` (``configs/fast.yaml``, the defaults to stop 55) and ``paperlike`` (the fast chains with a longer, patience-driven
-schedule, so that items converge at different steps, as with the paper's constants).
+Schedules: ``fast`` (``configs/fast.yaml``, the defaults to stop 55) and ``paperlike`` (the fast chains
+with a longer, patience-driven schedule, so that items converge at different steps, as with the paper's constants).
 
     python benchmarks/throughput.py --compare /path/to/old/checkout      # both engines, both schedules
 """

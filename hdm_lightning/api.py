@@ -120,7 +120,8 @@ def explain(
         images: normalised images ``(N, C, H, W)``; ``mean`` and ``std`` (ImageNet by default) say
             how they were normalised, for the removal of found regions in pixel space.
         targets: class per image (a tensor, a list or one int); None: each image's top-1 class.
-        preset: ``fine`` (the defaults), ``fast`` (half the passes), ``paper``, ``mdm``, … (``configs/<preset>.yaml``).
+        preset: ``fine`` (the defaults), ``fast`` (half the passes), ``paper``, ``mdm``, …
+            (``configs/<preset>.yaml``).
         overrides: any ``--model.*`` or ``--schedule.*`` setting by its name (``stages=2``,
             ``lr=0.01``, ``max_items=64``, ``mean=...``), ``batch_size`` (images in flight; default
             all) and ``precision`` (a Lightning precision, default ``32-true``).

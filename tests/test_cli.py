@@ -161,7 +161,8 @@ def test_fine_preset_writes_out_the_defaults(capsys):
         main(["--print_config"])
     defaults = yaml.safe_load(capsys.readouterr().out)
     (fine,) = printed_presets(capsys, "fine")
-    assert (defaults["model"]["lr"], defaults["schedule"]["min_steps"], defaults["schedule"]["max_steps"]) == (0.025, 40, 80)
+    steps = (defaults["schedule"]["min_steps"], defaults["schedule"]["max_steps"])
+    assert (defaults["model"]["lr"], *steps) == (0.025, 40, 80)
     assert without_keys(defaults, ()) == without_keys(fine, ())
 
 
@@ -174,9 +175,10 @@ def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys)
 
 def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
     """Against ``fast`` (the defaults to stop 55, whose rate and steps both keep): ``sufficient`` leaves the
-    term out (the defaults before stop 28), ``deletion`` measures it in logits; both keep the constant start they were measured with (the defaults start from Grad-CAM since
-    stop 47), and ``deletion`` removes the kept regions as kept (the defaults at half or more since stop
-    50); nothing else moves: data, trainer, schedule, the other model keys."""
+    term out (the defaults before stop 28), ``deletion`` measures it in logits; both keep the constant start
+    they were measured with (the defaults start from Grad-CAM since stop 47), and ``deletion`` removes the
+    kept regions as kept (the defaults at half or more since stop 50); nothing else moves: data, trainer,
+    schedule, the other model keys."""
     fast, sufficient, deletion = printed_presets(capsys, "fast", "sufficient", "deletion")
     assert tuple(sufficient["model"][key] for key in TERMS) == (0.0, "same", "same")
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
@@ -196,8 +198,8 @@ def test_thorough_preset_is_the_sufficient_preset_with_longer_levels(capsys):
 
 
 def test_scenes_preset_is_fast_warmed_up_at_twice_the_rate_with_one_stage(capsys):
-    """Against ``fast`` (the defaults to stop 55, whose steps it keeps): only the rate, the warm-up (issue 7, stop 34), the number of stages (stop 35) and the start's range
-    move; both start from Grad-CAM (stop 47), `scenes` at the range and the hard deletion edge it was
+    """Against ``fast`` (the defaults to stop 55, whose steps it keeps): only the rate, the warm-up (issue 7,
+    stop 34), the number of stages (stop 35) and the start's range move; both start from Grad-CAM (stop 47), `scenes` at the range and the hard deletion edge it was
     measured with (stops 48 and 52)."""
     fast, scenes = printed_presets(capsys, "fast", "scenes")
     assert (fast["model"]["lr"], fast["model"]["deletion_warmup"], fast["schedule"]["stages"]) == (0.05, 0, 3)
@@ -211,8 +213,8 @@ def test_scenes_preset_is_fast_warmed_up_at_twice_the_rate_with_one_stage(capsys
 
 
 def test_fine_preset_is_fast_at_half_the_rate_over_twice_the_steps(capsys):
-    """Only the rate and the steps a level move (issue 7, stop 55; the defaults since stop 56); the cosine decay follows ``max_steps``
-    (``test_cosine_horizon_is_linked_to_max_steps``)."""
+    """Only the rate and the steps a level move (issue 7, stop 55; the defaults since stop 56); the cosine
+    decay follows ``max_steps`` (``test_cosine_horizon_is_linked_to_max_steps``)."""
     fast, fine = printed_presets(capsys, "fast", "fine")
     assert (fine["model"]["lr"], fast["model"]["lr"]) == (0.025, 0.05)
     assert (fine["schedule"]["min_steps"], fine["schedule"]["max_steps"]) == (40, 80)
