@@ -259,7 +259,7 @@ IGNORED = (
 #: a stored configuration without one of them is read as having that value, so that an upgrade
 #: does not refuse a folder whose maps the new version would make the same way.
 ADDED = {"model.smoothness_weight": 0.0, "model.score": "logit", "model.evidence_scale": "stage", "model.map_scale": "minmax", "model.lr_hold": 0.0,
-         "model.fixed_batch": False, "model.level_maps": "all",
+         "model.fixed_batch": False, "model.thread_invariant": False, "model.level_maps": "all",
          "model.removal_threshold": 1.0, "model.fusion.class_path": "hdm_lightning.fusion.EvidenceFusion",
          "model.fusion.init_args.anchored": False, "model.blur_keeps": 0.5, "model.blur_fade": 0.0, "model.deletion_weight": 0.0, "model.deletion_substrate": "same", "model.deletion_score": "same", "model.shrink": 0.0,
          "model.later_score": None, "model.relative_eps": 0.0, "model.lr_schedule": "constant",

@@ -320,6 +320,13 @@ class MaskExplainer(LightningModule):
             batch nor on its place in it (the kernels are chosen by shape), so the same image gets
             the bitwise same map in a batch of one or of many on one machine and thread count; the
             padding rows cost passes (issue 7, stability).
+        thread_invariant: on CPU, run the fit's convolutions without oneDNN, whose 1×1 convolutions
+            split their sums by the thread count: EfficientNet-Lite0's input gradient at 224 px moves by
+            0.08-0.4 % (relative; 7e-7 at 96 px) between one and two threads, and the optimisation
+            carries that into the map (one process against two, issue 7). The fallback kernels give the same bits at
+            any thread count, at 2-3 times the time on a 2-core CPU; no effect on GPUs. With
+            ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
+            (``configs/reproducible.yaml``).
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
         float32_stride: under mixed precision (``bf16-mixed``, ``16-mixed``) the classifier's layers
             before its feature maps fall below ``1/float32_stride`` of the input's side run in float32
@@ -381,6 +388,7 @@ class MaskExplainer(LightningModule):
         max_items: int = 16,
         compile: bool = False,
         fixed_batch: bool = False,
+        thread_invariant: bool = False,
         channels_last: bool = False,
         float32_stride: int = 8,
         mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -480,6 +488,7 @@ class MaskExplainer(LightningModule):
         self.counts = {"images_total": 0, "images_done": 0, "images_failed": 0}  # kept by HDMSchedule
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
         self.float32_hooks: list | None = None  # installed at the first step (float32_stride)
+        self.onednn_before: bool | None = None  # oneDNN's setting before a thread-invariant fit
 
     # ----------------------------------------------------------------- the optimisation step
     def size_of(self, item: Item) -> int:
@@ -601,11 +610,21 @@ class MaskExplainer(LightningModule):
             self.float32_hooks = run_in_float32(self.classifier, names)
 
     @override
+    def on_fit_start(self) -> None:
+        """``thread_invariant``: oneDNN off for the fit (a process-wide switch; teardown restores it)."""
+        if self.hparams.thread_invariant:
+            self.onednn_before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+
+    @override
     def teardown(self, stage: str) -> None:
-        """Leaves the classifier as it came (``explain`` hands the user's module back)."""
+        """Leaves the classifier and oneDNN as they came (``explain`` hands the user's module back)."""
         for handle in self.float32_hooks or []:
             handle.remove()
         self.float32_hooks = None
+        if self.onednn_before is not None:
+            torch.backends.mkldnn.enabled = self.onednn_before
+            self.onednn_before = None
 
     def deletion_ramp(self, slots: Tensor) -> Tensor:
         """The share of ``deletion_weight`` the items in pool ``slots`` get at their current step under

@@ -113,7 +113,7 @@ def test_imported_classifier_loads_its_checkpoint(tmp_path):
         ImportedClassifier("nowhere.Model")
 
 
-@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "deletion", "mdm", "demo", "cluster", "fine"])
+@pytest.mark.parametrize("preset", ["paper", "fast", "thorough", "deletion", "mdm", "demo", "cluster", "fine", "reproducible"])
 def test_every_preset_parses(preset, capsys):
     from hdm_lightning.cli import CONFIGS
 
@@ -164,6 +164,15 @@ def test_fine_preset_writes_out_the_defaults(capsys):
     steps = (defaults["schedule"]["min_steps"], defaults["schedule"]["max_steps"])
     assert (defaults["model"]["lr"], *steps) == (0.025, 40, 80)
     assert without_keys(defaults, ()) == without_keys(fine, ())
+
+
+def test_reproducible_preset_is_the_defaults_with_a_fixed_batch_and_no_onednn(capsys):
+    """``configs/reproducible.yaml`` changes how the classifier's arithmetic runs, not the method."""
+    fine, reproducible = printed_presets(capsys, "fine", "reproducible")
+    keys = ("fixed_batch", "chunk_size", "thread_invariant")
+    assert tuple(reproducible["model"][key] for key in keys) == (True, 4, True)
+    assert tuple(fine["model"][key] for key in keys) == (False, None, False)
+    assert without_keys(reproducible, keys) == without_keys(fine, keys)
 
 
 def test_defaults_carry_the_deletion_term_in_log_odds_to_the_mean_colour(capsys):
