@@ -130,12 +130,15 @@ def main() -> None:
     paired = [name for name in args.runs if any(name in pair for pair in pairs)]  # only these are compared
     scores = auc_scores(args.out, paired, args.size, args.variant) if args.aucs and pairs else {}
     for first, second in pairs:
-        values = []
+        values, gaps = [], []
         for name in names(args.out / first):
             a = np.load(args.out / first / "maps" / f"{name}.npy")
             b = np.load(args.out / second / "maps" / f"{name}.npy")
             values.append(correlation(a, b))
+            gaps.append(float(np.abs(a - b).max()))  # 0: the same map to the bit
         lines.append(f"| {first} vs {second} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {min(values):.3f} |")
+        lines.append(f"| {first} vs {second}, largest difference | " + " | ".join(f"{g:.1e}" for g in gaps)
+                     + f" | {max(gaps):.1e} (largest) |")
         for stage in sorted({p.stem.rsplit("_stage", 1)[1] for p in (args.out / first / "stages").glob("*_stage*.npy")}):
             values = [correlation(np.load(args.out / first / "stages" / f"{name}_stage{stage}.npy"),
                                   np.load(args.out / second / "stages" / f"{name}_stage{stage}.npy"))
