@@ -2,8 +2,9 @@
 
 The logit and the input gradient of one image are compared when it is sent alone and with three
 others, with and without padding the batch to a fixed number of rows, at the same position and at
-another, and with one thread against two. This is what ``model.fixed_batch`` relies on (README,
-"Stability of the maps").
+another, and with one thread against two, with oneDNN and without it; then which convolutions give
+other bits at another thread count, and what a pass costs without oneDNN. This is what
+``model.fixed_batch`` and ``model.thread_invariant`` rely on (README, "Stability").
 
 Usage:
     python benchmarks/row_independence.py [--size 96]
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,10 +58,67 @@ def main() -> None:
               f"{torch.equal(four[0], moved[3]) and torch.equal(four_grad[0], moved_grad[3])}; unpadded, batch 1 vs 4: "
               f"logit equal {torch.equal(bare[0], bare4[0])}, gradient max diff "
               f"{(bare_grad[0] - bare4_grad[0]).abs().max().item():.2e}")
-    one, one_grad = logit_and_gradient(model, padded(images, 8), 1)
-    two, two_grad = logit_and_gradient(model, padded(images, 8), 2)
-    print(f"padded, 1 thread vs 2: logit equal {torch.equal(one, two)}, gradient max diff "
-          f"{(one_grad - two_grad).abs().max().item():.2e}")
+    for onednn in (True, False):
+        with onednn_enabled(onednn):
+            one, one_grad = logit_and_gradient(model, padded(images, 8), 1)
+            two, two_grad = logit_and_gradient(model, padded(images, 8), 2)
+        change = ((one_grad - two_grad).norm() / one_grad.norm()).item()
+        print(f"padded, 1 thread vs 2, oneDNN {'on' if onednn else 'off'}: logit equal {torch.equal(one, two)}, "
+              f"gradient max diff {(one_grad - two_grad).abs().max().item():.2e}, relative change {change:.1e}")
+    print("convolutions whose output or input gradient changes between 1 and 2 threads (oneDNN on):",
+          thread_dependent_convolutions(model, images))
+    for onednn in (True, False):
+        with onednn_enabled(onednn):
+            costs = [f"{threads} thread(s) {seconds_a_pass(model, images, threads):.3f} s" for threads in (1, 2)]
+        print(f"a pass and backward of 4 rows, oneDNN {'on' if onednn else 'off'}: " + ", ".join(costs))
+
+
+@contextmanager
+def onednn_enabled(enabled: bool) -> Iterator[None]:
+    """oneDNN on or off for the block, as ``model.thread_invariant`` switches it."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def thread_dependent_convolutions(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
+    """Kernel size → how many of the classifier's convolutions give other bits at another thread
+    count, each run alone on random inputs of the shape it sees (and of all, in brackets)."""
+    inputs: dict[str, tuple[torch.nn.Conv2d, torch.Size]] = {}
+    hooks = [module.register_forward_hook(lambda m, i, o, n=name: inputs.setdefault(n, (m, i[0].shape)) and None)
+             for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    counts: dict[str, list[int]] = {}
+    generator = torch.Generator().manual_seed(1)
+    for convolution, shape in inputs.values():
+        x, upstream = torch.randn(shape, generator=generator), None
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaf = x.clone().requires_grad_(True)
+            out = convolution(leaf)
+            upstream = torch.randn(out.shape, generator=generator) if upstream is None else upstream
+            out.backward(upstream)
+            results.append((out.detach(), leaf.grad))
+        kind = f"{'depthwise ' if convolution.groups > 1 else ''}{convolution.kernel_size[0]}x{convolution.kernel_size[1]}"
+        differs = not all(torch.equal(a, b) for a, b in zip(*results))
+        counts.setdefault(kind, [0, 0])[0] += differs
+        counts[kind][1] += 1
+    return {kind: f"{differ} of {total}" for kind, (differ, total) in counts.items()}
+
+
+def seconds_a_pass(model: torch.nn.Module, images: torch.Tensor, threads: int, repeats: int = 5) -> float:
+    logit_and_gradient(model, images, threads)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        logit_and_gradient(model, images, threads)
+    return (time.perf_counter() - start) / repeats
 
 
 if __name__ == "__main__":
