@@ -32,6 +32,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
+from hdm_lightning.pointwise import pointwise_as_matmul
 from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.precision import high_resolution_modules, run_in_float32
 from hdm_lightning.start import gradcam_map, start_values
@@ -320,13 +321,12 @@ class MaskExplainer(LightningModule):
             batch nor on its place in it (the kernels are chosen by shape), so the same image gets
             the bitwise same map in a batch of one or of many on one machine and thread count; the
             padding rows cost passes (issue 7, stability).
-        thread_invariant: on CPU, run the fit's convolutions without oneDNN, whose 1×1 convolutions
-            split their sums by the thread count: EfficientNet-Lite0's input gradient at 224 px moves by
-            0.08-0.4 % (relative; 7e-7 at 96 px) between one and two threads, and the optimisation
-            carries that into the map (one process against two, issue 7). The fallback kernels give the same bits at
-            any thread count, at 2-3 times the time on a 2-core CPU; no effect on GPUs. With
+        thread_invariant: run the classifier's 1×1 convolutions as matrix products
+            (:mod:`hdm_lightning.pointwise`): on CPU oneDNN splits their sums by the thread count, and the
+            optimisation carries that into the map (one process against two, issue 7). As products
+            they give the same bits at any thread count, at no cost on a 2-core CPU. With
             ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
-            (``configs/reproducible.yaml``).
+            (``configs/reproducible.yaml``). Not with ``compile``.
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
         float32_stride: under mixed precision (``bf16-mixed``, ``16-mixed``) the classifier's layers
             before its feature maps fall below ``1/float32_stride`` of the input's side run in float32
@@ -465,6 +465,9 @@ class MaskExplainer(LightningModule):
                              f"got {start!r}, {start_levels!r}")
         if len(start_range) != 2 or not 0 <= start_range[0] <= start_range[1] <= 1:
             raise ValueError(f"model.start_range must be [low, high] with 0 <= low <= high <= 1, got {start_range}")
+        if thread_invariant and compile:
+            raise ValueError("model.thread_invariant cannot run with model.compile (the compiled graph keeps "
+                             "oneDNN's 1x1 convolutions); set one of them to false")
         if float32_stride < 0:
             raise ValueError(f"model.float32_stride must be >= 0 (0: no layer kept in float32), got {float32_stride}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -488,7 +491,7 @@ class MaskExplainer(LightningModule):
         self.counts = {"images_total": 0, "images_done": 0, "images_failed": 0}  # kept by HDMSchedule
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
         self.float32_hooks: list | None = None  # installed at the first step (float32_stride)
-        self.onednn_before: bool | None = None  # oneDNN's setting before a thread-invariant fit
+        self.pointwise_hooks: list = []  # installed for the fit (thread_invariant)
 
     # ----------------------------------------------------------------- the optimisation step
     def size_of(self, item: Item) -> int:
@@ -611,20 +614,16 @@ class MaskExplainer(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """``thread_invariant``: oneDNN off for the fit (a process-wide switch; teardown restores it)."""
-        if self.hparams.thread_invariant:
-            self.onednn_before = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
+        """``thread_invariant``: the classifier's 1×1 convolutions as matrix products for the fit."""
+        if self.hparams.thread_invariant and not self.pointwise_hooks:
+            self.pointwise_hooks = pointwise_as_matmul(self.classifier)
 
     @override
     def teardown(self, stage: str) -> None:
-        """Leaves the classifier and oneDNN as they came (``explain`` hands the user's module back)."""
-        for handle in self.float32_hooks or []:
+        """Leaves the classifier as it came (``explain`` hands the user's module back)."""
+        for handle in [*(self.float32_hooks or []), *self.pointwise_hooks]:
             handle.remove()
-        self.float32_hooks = None
-        if self.onednn_before is not None:
-            torch.backends.mkldnn.enabled = self.onednn_before
-            self.onednn_before = None
+        self.float32_hooks, self.pointwise_hooks = None, []
 
     def deletion_ramp(self, slots: Tensor) -> Tensor:
         """The share of ``deletion_weight`` the items in pool ``slots`` get at their current step under

@@ -333,61 +333,38 @@ def test_a_fixed_batch_gives_the_classifier_one_shape_and_the_same_map_in_a_batc
         np.testing.assert_allclose(runs[1][name], runs[2][name], rtol=0, atol=0 if bitwise else 1e-6)
 
 
-class OneDNNRecorder(SpotClassifier):
-    """The spot classifier, recording whether oneDNN is on at every pass."""
+class ModeRecorder(SpotClassifier):
+    """The spot classifier, recording at every pass whether 1×1 convolutions run as matrix products."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.onednn: set[bool] = set()
+        self.as_matmul: set[bool] = set()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.onednn.add(torch.backends.mkldnn.enabled)
+        from torch.overrides import _get_current_function_mode_stack
+
+        from hdm_lightning.pointwise import PointwiseAsMatmul
+
+        self.as_matmul.add(any(isinstance(mode, PointwiseAsMatmul) for mode in _get_current_function_mode_stack()))
         return super().forward(images)
 
 
 @pytest.mark.parametrize("thread_invariant", [False, True])
-def test_thread_invariant_turns_onednn_off_for_the_fit_only(images, tmp_path, thread_invariant):
+def test_thread_invariant_runs_every_pass_of_the_fit_and_only_those_with_matrix_products(
+        images, tmp_path, thread_invariant):
     """``model.thread_invariant``: every classifier pass of the fit (Grad-CAM start, masked batches,
-    references) runs without oneDNN, and the process's setting comes back afterwards."""
-    recorder = OneDNNRecorder()
+    references) runs its 1×1 convolutions as matrix products, and the classifier comes back plain."""
+    recorder = ModeRecorder()
     explain(images, tmp_path / "run", classifier=recorder, module={"thread_invariant": thread_invariant})
-    assert recorder.onednn == {not thread_invariant}
-    assert torch.backends.mkldnn.enabled
+    assert recorder.as_matmul == {thread_invariant}
+    recorder.as_matmul.clear()
+    recorder(torch.zeros(1, 3, 32, 32))
+    assert recorder.as_matmul == {False}
 
 
-def test_thread_invariant_gives_the_same_gradient_at_any_thread_count():
-    """Why ``model.thread_invariant`` exists: oneDNN's 1×1 convolutions split their sums by the thread
-    count, so EfficientNet-Lite0's gradient with respect to a 224-px input moves between one and two
-    threads (0.08-0.4 % relative on random 224-px inputs, an Intel Xeon); without oneDNN it is the same to the bit. The class
-    score of a real photo, as the masks' optimisation sees it."""
-    from skimage import data
-
-    from hdm_lightning.models import EfficientNetLite
-
-    module = MaskExplainer(classifier=EfficientNetLite(), thread_invariant=True)
-    photo = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255
-    photo = torch.nn.functional.interpolate(photo, size=224, mode="bilinear", antialias=True)
-    photo = (photo - module.mean[:, None, None]) / module.std[:, None, None]
-
-    def gradients() -> dict[int, torch.Tensor]:
-        found, threads = {}, torch.get_num_threads()
-        try:
-            for count in (1, 2):
-                torch.set_num_threads(count)
-                image = photo.clone().requires_grad_(True)
-                module.target_logit(image, torch.tensor([285])).sum().backward()
-                found[count] = image.grad
-        finally:
-            torch.set_num_threads(threads)
-        return found
-
-    module.on_fit_start()
-    try:
-        invariant = gradients()
-    finally:
-        module.teardown("fit")
-    assert torch.backends.mkldnn.enabled
-    assert torch.equal(invariant[1], invariant[2])
+def test_thread_invariant_refuses_compile():
+    with pytest.raises(ValueError, match="thread_invariant.*compile"):
+        MaskExplainer(classifier=SpotClassifier(), thread_invariant=True, compile=True)
 
 
 def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):

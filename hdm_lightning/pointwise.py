@@ -1,0 +1,75 @@
+"""1×1 convolutions as matrix products, so that a classifier's arithmetic does not depend on the thread
+count (``model.thread_invariant``; issue 7, stop 57).
+
+On CPU, oneDNN's 1×1 convolutions split their sums by the number of threads: 30 of EfficientNet-Lite0's
+32 give other bits at one thread than at two (ResNet-50 30 of 36, MobileNetV3 35 of 40), while its
+stem, depthwise and strided convolutions and every other layer give the same bits
+(``benchmarks/row_independence.py``). The masks' optimisation carries that noise into the map: one
+process at two threads against two processes at one each correlate 0.976 at 224 px with the defaults.
+The same sums as a matrix product over the channels give the same bits at one thread and two (and
+a pass is no slower on a 2-core CPU), so with ``model.fixed_batch`` a map no longer depends on the
+batch, the processes or the threads on one CPU type.
+
+:class:`PointwiseAsMatmul` is a function mode, active only while the classifier runs its forward pass
+(:func:`pointwise_as_matmul` installs the hooks); the backward pass follows the graph it built.
+
+Example:
+    >>> conv = nn.Conv2d(8, 4, 1)
+    >>> x = torch.randn(2, 8, 5, 5)
+    >>> with PointwiseAsMatmul():
+    ...     y = conv(x)
+    >>> torch.allclose(y, conv(x), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+
+def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
+    """Whether a ``conv2d`` call only mixes channels pixel by pixel: a 1×1 kernel (any dilation), stride 1,
+    no padding, one group."""
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    return (weight.shape[-2:] == (1, 1) and groups == 1 and pair(stride) == (1, 1)
+            and (padding in ("valid", "same") or pair(padding) == (0, 0)))
+
+
+def pointwise_matmul(images: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d`` with a 1×1 kernel as a product over the channel axis, ``(…, C, H, W)`` → ``(…, O, H, W)``."""
+    out = torch.matmul(images.movedim(-3, -1), weight.flatten(1).t())
+    if bias is not None:
+        out = out + bias
+    return out.movedim(-1, -3)
+
+
+class PointwiseAsMatmul(TorchFunctionMode):
+    """Runs every pointwise ``conv2d`` (:func:`is_pointwise`) as :func:`pointwise_matmul`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+            options = {key: call.get(key, default) for key, default in
+                       (("stride", 1), ("padding", 0), ("groups", 1))}
+            if is_pointwise(call["weight"], **options):
+                return pointwise_matmul(call["input"], call["weight"], call.get("bias"))
+        return func(*args, **kwargs)
+
+
+def pointwise_as_matmul(classifier: nn.Module) -> list[RemovableHandle]:
+    """Hooks that make ``classifier``'s forward passes run under :class:`PointwiseAsMatmul`; remove
+    them to restore it."""
+    mode = PointwiseAsMatmul()
+
+    def enter(module: nn.Module, args) -> None:
+        mode.__enter__()
+
+    def leave(module: nn.Module, args, output) -> None:
+        mode.__exit__(None, None, None)
+
+    return [classifier.register_forward_pre_hook(enter), classifier.register_forward_hook(leave, always_call=True)]
