@@ -2,8 +2,9 @@
 
 The logit and the input gradient of one image are compared when it is sent alone and with three
 others, with and without padding the batch to a fixed number of rows, at the same position and at
-another, and with one thread against two, with oneDNN and without it; then which convolutions give
-other bits at another thread count, and what a pass costs without oneDNN. This is what
+another, and with one thread against two: with oneDNN, with the 1×1 convolutions as matrix products
+and without oneDNN; then which convolutions give other bits at another thread count, and what a pass
+costs each way. This is what
 ``model.fixed_batch`` and ``model.thread_invariant`` rely on (README, "Stability").
 
 Usage:
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hdm_lightning.models import EfficientNetLite0  # noqa: E402
+from hdm_lightning.pointwise import pointwise_as_matmul  # noqa: E402
 
 TARGET = 285
 
@@ -58,30 +60,38 @@ def main() -> None:
               f"{torch.equal(four[0], moved[3]) and torch.equal(four_grad[0], moved_grad[3])}; unpadded, batch 1 vs 4: "
               f"logit equal {torch.equal(bare[0], bare4[0])}, gradient max diff "
               f"{(bare_grad[0] - bare4_grad[0]).abs().max().item():.2e}")
-    for onednn in (True, False):
-        with onednn_enabled(onednn):
+    for arithmetic in ARITHMETIC:
+        with arithmetic_of(arithmetic, model):
             one, one_grad = logit_and_gradient(model, padded(images, 8), 1)
             two, two_grad = logit_and_gradient(model, padded(images, 8), 2)
         change = ((one_grad - two_grad).norm() / one_grad.norm()).item()
-        print(f"padded, 1 thread vs 2, oneDNN {'on' if onednn else 'off'}: logit equal {torch.equal(one, two)}, "
+        print(f"padded, 1 thread vs 2, {arithmetic}: logit equal {torch.equal(one, two)}, "
               f"gradient max diff {(one_grad - two_grad).abs().max().item():.2e}, relative change {change:.1e}")
-    print("convolutions whose output or input gradient changes between 1 and 2 threads (oneDNN on):",
+    print("convolutions whose output or input gradient changes between 1 and 2 threads (oneDNN):",
           thread_dependent_convolutions(model, images))
-    for onednn in (True, False):
-        with onednn_enabled(onednn):
+    for arithmetic in ARITHMETIC:
+        with arithmetic_of(arithmetic, model):
             costs = [f"{threads} thread(s) {seconds_a_pass(model, images, threads):.3f} s" for threads in (1, 2)]
-        print(f"a pass and backward of 4 rows, oneDNN {'on' if onednn else 'off'}: " + ", ".join(costs))
+        print(f"a pass and backward of 4 rows, {arithmetic}: " + ", ".join(costs))
+
+
+#: How the classifier's convolutions run: as PyTorch chooses (oneDNN on CPU), with the 1×1 ones as matrix
+#: products (``model.thread_invariant``), or without oneDNN (the fallback kernels, not adopted: slower)
+ARITHMETIC = ("oneDNN", "1x1 as products", "oneDNN off")
 
 
 @contextmanager
-def onednn_enabled(enabled: bool) -> Iterator[None]:
-    """oneDNN on or off for the block, as ``model.thread_invariant`` switches it."""
+def arithmetic_of(arithmetic: str, model: torch.nn.Module) -> Iterator[None]:
+    """``model``'s convolutions run as ``arithmetic`` (one of :data:`ARITHMETIC`) inside the block."""
+    hooks = pointwise_as_matmul(model) if arithmetic == "1x1 as products" else []
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
+    torch.backends.mkldnn.enabled = arithmetic != "oneDNN off"
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+        for hook in hooks:
+            hook.remove()
 
 
 def thread_dependent_convolutions(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
