@@ -40,15 +40,19 @@ def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
 
 
 def pointwise_matmul(images: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``conv2d`` with a 1×1 kernel as a product over the channel axis, ``(…, C, H, W)`` → ``(…, O, H, W)``."""
+    """``conv2d`` with a 1×1 kernel as a product over the channel axis, ``(…, C, H, W)`` → ``(…, O, H, W)``,
+    in the input's memory format (a classifier may ``view`` what a convolution returns)."""
     out = torch.matmul(images.movedim(-3, -1), weight.flatten(1).t())
     if bias is not None:
         out = out + bias
-    return out.movedim(-1, -3)
+    out = out.movedim(-1, -3)
+    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+    return out if channels_last else out.contiguous()
 
 
 class PointwiseAsMatmul(TorchFunctionMode):
-    """Runs every pointwise ``conv2d`` (:func:`is_pointwise`) as :func:`pointwise_matmul`."""
+    """Runs every pointwise ``conv2d`` (:func:`is_pointwise`) on CPU as :func:`pointwise_matmul` (a GPU
+    has no thread count to depend on; its convolutions are left as they are)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -56,7 +60,7 @@ class PointwiseAsMatmul(TorchFunctionMode):
             call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
             options = {key: call.get(key, default) for key, default in
                        (("stride", 1), ("padding", 0), ("groups", 1))}
-            if is_pointwise(call["weight"], **options):
+            if call["input"].device.type == "cpu" and is_pointwise(call["weight"], **options):
                 return pointwise_matmul(call["input"], call["weight"], call.get("bias"))
         return func(*args, **kwargs)
 

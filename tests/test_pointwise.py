@@ -78,3 +78,18 @@ def test_efficientnet_gradients_are_the_same_bits_at_one_thread_and_two():
         for handle in hooks:
             handle.remove()
     assert torch.equal(found[1], found[2])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_product_keeps_the_input_memory_format(channels_last):
+    """A classifier may ``view`` a convolution's output (a 1×1 head flattened): the product returns
+    the layout ``conv2d`` would."""
+    conv = nn.Conv2d(6, 4, 1)
+    x = torch.randn(2, 6, 5, 5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    with PointwiseAsMatmul():
+        found = conv(x)
+    assert found.is_contiguous(memory_format=layout)
+    if not channels_last:
+        assert found.view(2, -1).shape == (2, 100)
