@@ -44,8 +44,22 @@ def padded(batch: torch.Tensor, rows: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--torchvision", nargs="*", default=[], metavar="NAME",
+                        help="also list the thread-dependent convolutions of these torchvision architectures "
+                             "(random weights: the arithmetic, not the answer, is compared), e.g. resnet50")
     args = parser.parse_args()
     torch.manual_seed(0)
+    for name in args.torchvision:
+        import torchvision
+
+        other = getattr(torchvision.models, name)().eval().requires_grad_(False)
+        batch = torch.randn(2, 3, 224, 224)
+        print(f"{name}: thread-dependent convolutions", thread_dependent_convolutions(other, batch))
+        for arithmetic in ARITHMETIC[:2]:
+            with arithmetic_of(arithmetic, other):
+                (_, one), (_, two) = (logit_and_gradient(other, batch, threads) for threads in (1, 2))
+            print(f"{name}, 1 thread vs 2, {arithmetic}: input gradient equal {torch.equal(one, two)}, "
+                  f"relative change {((one - two).norm() / one.norm()).item():.1e}")
     model = EfficientNetLite0().eval().requires_grad_(False)
     images = torch.randn(4, 3, args.size, args.size)
     for threads in (1, 2):
