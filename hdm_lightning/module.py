@@ -324,7 +324,7 @@ class MaskExplainer(LightningModule):
         thread_invariant: run the classifier's 1×1 convolutions as matrix products
             (:mod:`hdm_lightning.pointwise`): on CPU oneDNN splits their sums by the thread count, and the
             optimisation carries that into the map (one process against two, issue 7). As products
-            they give the same bits at any thread count, at no cost on a 2-core CPU. With
+            they give the same bits at any thread count, a pass no slower on a 2-core CPU. With
             ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
             (``configs/reproducible.yaml``). Not with ``compile``.
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).

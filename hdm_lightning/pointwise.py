@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -34,9 +35,8 @@ from torch.utils.hooks import RemovableHandle
 def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
     """Whether a ``conv2d`` call only mixes channels pixel by pixel: a 1×1 kernel (any dilation), stride 1,
     no padding, one group."""
-    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
-    return (weight.shape[-2:] == (1, 1) and groups == 1 and pair(stride) == (1, 1)
-            and (padding in ("valid", "same") or pair(padding) == (0, 0)))
+    return (weight.shape[-2:] == (1, 1) and groups == 1 and _pair(stride) == (1, 1)
+            and (padding in ("valid", "same") or _pair(padding) == (0, 0)))
 
 
 def pointwise_matmul(images: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

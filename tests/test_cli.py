@@ -166,7 +166,7 @@ def test_fine_preset_writes_out_the_defaults(capsys):
     assert without_keys(defaults, ()) == without_keys(fine, ())
 
 
-def test_reproducible_preset_is_the_defaults_with_a_fixed_batch_and_no_onednn(capsys):
+def test_reproducible_preset_is_the_defaults_with_a_fixed_batch_and_1x1_products(capsys):
     """``configs/reproducible.yaml`` changes how the classifier's arithmetic runs, not the method."""
     fine, reproducible = printed_presets(capsys, "fine", "reproducible")
     keys = ("fixed_batch", "chunk_size", "thread_invariant")
