@@ -365,6 +365,27 @@ def rounded_removal(found: Tensor, threshold: float, width: float) -> Tensor:
     return inside.masked_fill(x >= 1 + width, 1).clamp_min(0)
 
 
+def floored_removal(found: Tensor, threshold: float, width: float, floor: float) -> Tensor:
+    """:func:`rounded_removal` that removes nothing of a value at or below ``floor``.
+
+    The ramp ``z = (C − floor) / (threshold − floor)`` runs from 0 at the floor to 1 at the threshold,
+    and both of its kinks are rounded over ``z`` in ``± width`` (bottom) and ``1 ± width`` (top), so
+    its slope rises from 0 to ``1 / (threshold − floor)`` across the bottom band. A gradient through
+    it does not reach a mask element well below the floor: the deletion term cannot raise faint
+    values over everything the class does not hold (issue 7's haze), and the sparsity term takes
+    them to 0.
+
+    Example:
+        >>> floored_removal(torch.tensor([0.0, 0.2, 0.35, 0.5]), 0.5, 0.2, 0.2)
+        tensor([0.0000, 0.0500, 0.5000, 0.9500])
+    """
+    z = (found - floor) / (threshold - floor)
+    bottom = (z + width).clamp(0, 2 * width) ** 2 / (4 * width) if width else z.clamp_min(0)
+    ramp = torch.where(z < width, bottom, z) if width else bottom
+    top = ramp - (z - 1 + width).clamp_min(0) ** 2 / (4 * width) if width else ramp.clamp_max(1)
+    return top.masked_fill(z >= 1 + width, 1)
+
+
 def remove_found(
     images: Tensor, found: Tensor, mean: Tensor, std: Tensor
 ) -> Tensor:

@@ -174,6 +174,10 @@ class MaskExplainer(LightningModule):
             and ignore it). At the kink the term's gradient jumps from ``1 / threshold`` to 0, masks
             that the sparsity term lowers onto it chatter across it, and which side an element ends
             on is decided by float noise: the maps then depend on the thread count (issue 7).
+        deletion_floor: mask values at or below it are not removed by the deletion term
+            (:func:`~hdm_lightning.masks.floored_removal`: the removal ramps from the floor to the
+            threshold, both kinks rounded by ``deletion_edge_width``; 0, the default, ramps from 0).
+            The term's gradient then does not raise faint values over what the class does not hold.
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -353,6 +357,7 @@ class MaskExplainer(LightningModule):
         deletion_threshold: float = 0.5,
         deletion_edge: str = "hard",
         deletion_edge_width: float = 0.2,
+        deletion_floor: float = 0.0,
         smoothness_weight: float = 4.0,
         lr: float = 2.5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -416,6 +421,9 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.deletion_edge must be 'hard' or 'smooth', got {deletion_edge!r}")
         if not 0 <= deletion_edge_width <= 1:
             raise ValueError(f"model.deletion_edge_width must be in [0, 1], got {deletion_edge_width}")
+        if not 0 <= deletion_floor < deletion_threshold:
+            raise ValueError(f"model.deletion_floor must be in [0, model.deletion_threshold) = [0, "
+                             f"{deletion_threshold}), got {deletion_floor}")
         if deletion_restart < 0:
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
@@ -549,8 +557,9 @@ class MaskExplainer(LightningModule):
         if self.hparams.deletion_weight:  # a second pass, the first's batch shape
             with torch.autocast(self.device.type, enabled=False):
                 threshold, edge = self.hparams.deletion_threshold, self.hparams.deletion_edge
-                width = self.hparams.deletion_edge_width
-                gone = (M.smooth_removal(up, threshold) if edge == "smooth"
+                width, floor = self.hparams.deletion_edge_width, self.hparams.deletion_floor
+                gone = (M.floored_removal(up, threshold, width, floor) if floor
+                        else M.smooth_removal(up, threshold) if edge == "smooth"
                         else up if threshold == 1
                         else M.rounded_removal(up, threshold, width) if width
                         else M.removal(up, threshold))

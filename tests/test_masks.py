@@ -193,3 +193,15 @@ def test_rounded_removal_is_the_hard_one_outside_its_band_with_a_continuous_slop
     assert float(slope[10]) == pytest.approx(2) and slope[60:].abs().max() == 0
     assert float(slope[50]) == pytest.approx(1)  # half of 1 / threshold at the threshold: falling linearly ...
     assert slope.diff()[1:].abs().max() < 0.11  # ... with no jump (a step of 0.01 moves it by 0.1 at most)
+
+
+def test_floored_removal_removes_nothing_below_its_floor_and_ramps_to_the_threshold_without_jumps():
+    found = torch.linspace(0, 1, 101, dtype=torch.float64, requires_grad=True)
+    floored = M.floored_removal(found, 0.5, 0.2, 0.25)  # z = (found - 0.25) / 0.25, bands ±0.05 and 0.25 ± 0.05
+    (slope,) = torch.autograd.grad(floored.sum(), found)
+    assert floored[:20].abs().max() == 0 and slope[:20].abs().max() == 0  # below 0.2: untouched, no gradient
+    assert float(floored[25]) == pytest.approx(0.2 / 4) and float(slope[25]) == pytest.approx(2)  # half of 1 / 0.25
+    assert float(floored[35]) == pytest.approx(0.4) and float(slope[35]) == pytest.approx(4)  # the ramp's slope
+    assert torch.allclose(floored[56:], torch.ones(45, dtype=torch.float64))  # whole from 0.55 on
+    assert slope.diff().abs().max() < 0.81  # no jump: a step of 0.01 moves the slope by 4 · 0.01 / 0.05 at most
+    assert torch.equal(M.floored_removal(found, 0.5, 0.0, 0.25), ((found - 0.25) / 0.25).clamp(0, 1))
