@@ -95,6 +95,17 @@ def test_deletion_edge_width_rounds_only_a_kink_inside_the_masks_range(images, t
     assert all(not np.array_equal(hard[name], rounded[name]) for name in hard)
 
 
+def test_deletion_floor_moves_the_maps_and_must_lie_below_the_threshold(images, tmp_path):
+    """``model.deletion_floor`` (stop 58) reaches the deletion pass (the maps move) and is refused at or
+    above the threshold, where the removal's ramp would have no length."""
+    plain = maps(explain(images, tmp_path / "plain"))
+    floored = maps(explain(images, tmp_path / "floor", module={"deletion_floor": 0.25}))
+    assert all(not np.array_equal(plain[name], floored[name]) for name in plain)
+    for floor in (-0.1, 0.5, 0.7):
+        with pytest.raises(ValueError, match="model.deletion_floor"):
+            MaskExplainer(classifier=SpotClassifier(), deletion_floor=floor)
+
+
 def test_deletion_threshold_must_be_a_share_of_the_mask():
     for threshold in (0.0, 1.5):
         with pytest.raises(ValueError, match="model.deletion_threshold"):
