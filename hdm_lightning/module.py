@@ -176,7 +176,8 @@ class MaskExplainer(LightningModule):
             on is decided by float noise: the maps then depend on the thread count (issue 7).
         deletion_floor: mask values at or below it are not removed by the deletion term
             (:func:`~hdm_lightning.masks.floored_removal`: the removal ramps from the floor to the
-            threshold, both kinks rounded by ``deletion_edge_width``; 0, the default, ramps from 0).
+            threshold, both kinks rounded by ``deletion_edge_width``, in place of ``deletion_edge``'s removal; 0,
+            the default, ramps from 0).
             The term's gradient then does not raise faint values over what the class does not hold.
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
