@@ -380,10 +380,10 @@ def floored_removal(found: Tensor, threshold: float, width: float, floor: float)
         tensor([0.0000, 0.0500, 0.5000, 0.9500])
     """
     z = (found - floor) / (threshold - floor)
-    bottom = (z + width).clamp(0, 2 * width) ** 2 / (4 * width) if width else z.clamp_min(0)
-    ramp = torch.where(z < width, bottom, z) if width else bottom
-    top = ramp - (z - 1 + width).clamp_min(0) ** 2 / (4 * width) if width else ramp.clamp_max(1)
-    return top.masked_fill(z >= 1 + width, 1)
+    if not width:
+        return z.clamp(0, 1)
+    bottom = (z + width).clamp(0, 2 * width) ** 2 / (4 * width)  # the top band as rounded_removal's, mirrored
+    return torch.where(z < width, bottom, rounded_removal(z, 1.0, width))
 
 
 def remove_found(
