@@ -55,12 +55,11 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def tile_scores(classifier, overrides: dict, ids: list[str], size: int = 224) -> list[str]:
+def tile_scores(classifier, overrides: dict, scenes: dict, targets: list, size: int = 224) -> list[str]:
     """Share in the class's tile and the other tiles' medians of each target's stage-1 map."""
-    scenes, targets = build_scenes(classifier, classifier.class_names(), size)
     tiles = tile_masks(size).float()
     lines = []
-    for target in [t for t in targets if t.id in ids]:
+    for target in targets:
         image = normalise(scenes[target.scene], size)[None]
         saliency = explain(classifier, image, targets=[target.target], stages=1, **overrides)["maps"][0]
         own = target.tiles[0]
@@ -118,9 +117,13 @@ def main() -> None:
     from hdm_lightning.models import EfficientNetLite0, freeze
 
     classifier = freeze(EfficientNetLite0())
+    scenes, targets = build_scenes(classifier, classifier.class_names(), args.size)
+    if unknown := sorted(set(args.targets) - {t.id for t in targets}):  # before the first, long, run
+        parser.error(f"--targets {unknown}: no such target at {args.size} px; known: {[t.id for t in targets]}")
+    targets = [t for t in targets if t.id in args.targets]
     for name, overrides in map(parse_setting, args.settings or ["defaults="]):
         start = time.perf_counter()
-        lines = tile_scores(classifier, overrides, args.targets, args.size) if args.targets else []
+        lines = tile_scores(classifier, overrides, scenes, targets, args.size) if targets else []
         if args.photos:
             lines += photo_scores(classifier, overrides, args.photos, args.num_steps, args.floor, args.alone)
         print(f"## {name} {overrides} ({time.perf_counter() - start:.0f} s)", *lines, sep="\n  ", flush=True)
