@@ -329,10 +329,9 @@ class MaskExplainer(LightningModule):
         thread_invariant: run the classifier's 1×1 convolutions as matrix products
             (:mod:`hdm_lightning.pointwise`): on CPU oneDNN splits their sums by the thread count, and the
             optimisation carries that into the map (one process against two, issue 7). As products
-            they give the same bits at any thread count, a pass no slower on a 2-core CPU. On by default
-            since stop 59 (a GPU's convolutions are left as they are). With ``fixed_batch`` a map no
-            longer depends on the batch, the processes or the threads (``configs/reproducible.yaml``).
-            Not with ``compile``: set it to false to compile.
+            they give the same bits at any thread count, a pass no slower on a 2-core CPU. With
+            ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
+            (``configs/reproducible.yaml``). Not with ``compile``.
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
         float32_stride: under mixed precision (``bf16-mixed``, ``16-mixed``) the classifier's layers
             before its feature maps fall below ``1/float32_stride`` of the input's side run in float32
@@ -395,7 +394,7 @@ class MaskExplainer(LightningModule):
         max_items: int = 16,
         compile: bool = False,
         fixed_batch: bool = False,
-        thread_invariant: bool = True,
+        thread_invariant: bool = False,
         channels_last: bool = False,
         float32_stride: int = 8,
         mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -476,8 +475,8 @@ class MaskExplainer(LightningModule):
         if len(start_range) != 2 or not 0 <= start_range[0] <= start_range[1] <= 1:
             raise ValueError(f"model.start_range must be [low, high] with 0 <= low <= high <= 1, got {start_range}")
         if thread_invariant and compile:
-            raise ValueError("model.thread_invariant (on by default) cannot run with model.compile (the compiled "
-                             "graph keeps oneDNN's 1x1 convolutions); set model.thread_invariant=false to compile")
+            raise ValueError("model.thread_invariant cannot run with model.compile (the compiled graph keeps "
+                             "oneDNN's 1x1 convolutions); set one of them to false")
         if float32_stride < 0:
             raise ValueError(f"model.float32_stride must be >= 0 (0: no layer kept in float32), got {float32_stride}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])

@@ -167,12 +167,11 @@ def test_fine_preset_writes_out_the_defaults(capsys):
 
 
 def test_reproducible_preset_is_the_defaults_with_a_fixed_batch_and_1x1_products(capsys):
-    """``configs/reproducible.yaml`` changes how the classifier's arithmetic runs, not the method (it keeps
-    ``thread_invariant`` written out, the default since stop 59, so that the preset holds whatever the defaults)."""
+    """``configs/reproducible.yaml`` changes how the classifier's arithmetic runs, not the method."""
     fine, reproducible = printed_presets(capsys, "fine", "reproducible")
     keys = ("fixed_batch", "chunk_size", "thread_invariant")
     assert tuple(reproducible["model"][key] for key in keys) == (True, 4, True)
-    assert tuple(fine["model"][key] for key in keys) == (False, None, True)  # thread_invariant: the default since stop 59
+    assert tuple(fine["model"][key] for key in keys) == (False, None, False)
     assert without_keys(reproducible, keys) == without_keys(fine, keys)
 
 

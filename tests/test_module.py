@@ -373,11 +373,9 @@ def test_thread_invariant_runs_every_pass_of_the_fit_and_only_those_with_matrix_
     assert recorder.as_matmul == {False}
 
 
-def test_thread_invariant_is_on_by_default_and_refuses_compile_naming_the_setting():
-    assert MaskExplainer(classifier=SpotClassifier()).hparams.thread_invariant
-    with pytest.raises(ValueError, match="set model.thread_invariant=false to compile"):
-        MaskExplainer(classifier=SpotClassifier(), compile=True)
-    assert MaskExplainer(classifier=SpotClassifier(), thread_invariant=False, compile=True).hparams.compile
+def test_thread_invariant_refuses_compile():
+    with pytest.raises(ValueError, match="thread_invariant.*compile"):
+        MaskExplainer(classifier=SpotClassifier(), thread_invariant=True, compile=True)
 
 
 def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):
@@ -639,11 +637,10 @@ def test_compiled_classifier_gives_the_same_maps_without_recompiling(images, tmp
 
     torch._dynamo.reset()
     counters.clear()
-    settings = {"chunk_size": 8, "thread_invariant": False}  # the compiled graph keeps oneDNN's 1×1 convolutions
-    compiled = maps(explain(images, tmp_path / "compiled", module={"compile": True, **settings}))
+    compiled = maps(explain(images, tmp_path / "compiled", module={"compile": True, "chunk_size": 8}))
     graphs, recompiles = counters["stats"]["unique_graphs"], dict(counters["recompiles"])
     torch._dynamo.reset()
-    eager = maps(explain(images, tmp_path / "eager", module=settings))
+    eager = maps(explain(images, tmp_path / "eager", module={"chunk_size": 8}))
     assert graphs >= 1 and not recompiles, (graphs, recompiles)  # compiled, and never again for a new shape
     assert compiled.keys() == eager.keys()
     for name in eager:
