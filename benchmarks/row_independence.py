@@ -3,8 +3,8 @@
 The logit and the input gradient of one image are compared when it is sent alone and with three
 others, with and without padding the batch to a fixed number of rows, at the same position and at
 another, and with one thread against two: with oneDNN, with the 1×1 convolutions as matrix products
-and without oneDNN; then which convolutions give other bits at another thread count, and what a pass
-costs each way. This is what
+(padded to 8 rows, and unpadded at 1, 2 and 4 rows) and without oneDNN; then which convolutions give
+other bits at another thread count, and what a pass costs each way. This is what
 ``model.fixed_batch`` and ``model.thread_invariant`` rely on (README, "Stability").
 
 Usage:
@@ -81,6 +81,11 @@ def main() -> None:
         change = ((one_grad - two_grad).norm() / one_grad.norm()).item()
         print(f"padded, 1 thread vs 2, {arithmetic}: logit equal {torch.equal(one, two)}, "
               f"gradient max diff {(one_grad - two_grad).abs().max().item():.2e}, relative change {change:.1e}")
+    with arithmetic_of("1x1 as products", model):  # unpadded: does a product's split depend on its rows?
+        for rows in (1, 2, 4):
+            (one, one_grad), (two, two_grad) = (logit_and_gradient(model, images[:rows], t) for t in (1, 2))
+            print(f"unpadded, {rows} row(s), 1 thread vs 2, 1x1 as products: logit equal {torch.equal(one, two)}, "
+                  f"gradient equal {torch.equal(one_grad, two_grad)}")
     print("convolutions whose output or input gradient changes between 1 and 2 threads (oneDNN):",
           thread_dependent_convolutions(model, images))
     for arithmetic in ARITHMETIC:

@@ -329,7 +329,8 @@ class MaskExplainer(LightningModule):
         thread_invariant: run the classifier's 1×1 convolutions as matrix products
             (:mod:`hdm_lightning.pointwise`): on CPU oneDNN splits their sums by the thread count, and the
             optimisation carries that into the map (one process against two, issue 7). As products
-            they give the same bits at any thread count, a pass no slower on a 2-core CPU. With
+            they give the same bits at one thread and two from two rows up (a pass and backward at 224 px
+            costs a quarter more; a one-row product at 7×7 still splits its sum at two threads). With
             ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
             (``configs/reproducible.yaml``). Not with ``compile``.
         channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).

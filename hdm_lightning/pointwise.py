@@ -6,9 +6,11 @@ On CPU, oneDNN's 1×1 convolutions split their sums by the number of threads: 30
 stem, depthwise and strided convolutions and every other layer give the same bits
 (``benchmarks/row_independence.py``). The masks' optimisation carries that noise into the map: one
 process at two threads against two processes at one each correlate 0.976 at 224 px with the defaults.
-The same sums as a matrix product over the channels give the same bits at one thread and two (and
-a pass is no slower on a 2-core CPU), so with ``model.fixed_batch`` a map no longer depends on the
-batch, the processes or the threads on one CPU type.
+The same sums as a matrix product over the channels give the same bits at one thread and two from two
+rows up (a one-row product at the last 7×7 layers, 49 × 1152 by 192, still splits its sum at two threads;
+a pass and backward at 224 px costs a quarter more, at 96 px no more), so with ``model.fixed_batch``, which
+pads every batch to its rows, a map no longer depends on the batch, the processes or the threads on one
+CPU type; without it one process against two still correlate 0.975 at 224 px (stop 59).
 
 :class:`PointwiseAsMatmul` is a function mode, active only while the classifier runs its forward pass
 (:func:`pointwise_as_matmul` installs the hooks); the backward pass follows the graph it built.
