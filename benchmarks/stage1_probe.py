@@ -117,7 +117,7 @@ def main() -> None:
     from hdm_lightning.models import EfficientNetLite0, freeze
 
     classifier = freeze(EfficientNetLite0())
-    scenes, targets = build_scenes(classifier, classifier.class_names(), args.size)
+    scenes, targets = build_scenes(classifier, classifier.class_names(), args.size) if args.targets else ({}, [])
     if unknown := sorted(set(args.targets) - {t.id for t in targets}):  # before the first, long, run
         parser.error(f"--targets {unknown}: no such target at {args.size} px; known: {[t.id for t in targets]}")
     targets = [t for t in targets if t.id in args.targets]
