@@ -8,7 +8,7 @@ stem, depthwise and strided convolutions and every other layer give the same bit
 process at two threads against two processes at one each correlate 0.976 at 224 px with the defaults.
 The same sums as a matrix product over the channels give the same bits at one thread and two from two
 rows up (a one-row product at the last 7×7 layers, 49 × 1152 by 192, still splits its sum at two threads;
-a pass and backward at 224 px costs a quarter more, at 96 px no more), so with ``model.fixed_batch``, which
+a pass and backward at 224 px costs a quarter more, at 96 px 6 % more at two threads), so with ``model.fixed_batch``, which
 pads every batch to its rows, a map no longer depends on the batch, the processes or the threads on one
 CPU type; without it one process against two still correlate 0.975 at 224 px (stop 59).
 
