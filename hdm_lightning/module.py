@@ -558,14 +558,8 @@ class MaskExplainer(LightningModule):
             losses = losses.detach()
         if self.hparams.deletion_weight:  # a second pass, the first's batch shape
             with torch.autocast(self.device.type, enabled=False):
-                threshold, edge = self.hparams.deletion_threshold, self.hparams.deletion_edge
-                width, floor = self.hparams.deletion_edge_width, self.hparams.deletion_floor
-                gone = (M.floored_removal(up, threshold, width, floor) if floor
-                        else M.smooth_removal(up, threshold) if edge == "smooth"
-                        else up if threshold == 1
-                        else M.rounded_removal(up, threshold, width) if width
-                        else M.removal(up, threshold))
-                removed = M.apply_mask(self.stage_input[images], 1 - gone, self.deletion_base(images))
+                removed = M.apply_mask(self.stage_input[images], 1 - self.deletion_removal(up),
+                                       self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)
             if self.hparams.deletion_warmup:
@@ -652,6 +646,19 @@ class MaskExplainer(LightningModule):
         if not self.hparams.deletion_weight or self.hparams.deletion_score == "same":
             return None
         return self.hparams.deletion_score
+
+    def deletion_removal(self, kept: Tensor) -> Tensor:
+        """How much of each pixel the deletion term removes, from the upsampled kept masks ``(k, H, W)``:
+        ``deletion_floor``'s ramp where set, else ``deletion_edge``'s removal at ``deletion_threshold``."""
+        threshold, width, floor = (self.hparams.deletion_threshold, self.hparams.deletion_edge_width,
+                                   self.hparams.deletion_floor)
+        if floor:
+            return M.floored_removal(kept, threshold, width, floor)
+        if self.hparams.deletion_edge == "smooth":
+            return M.smooth_removal(kept, threshold)
+        if threshold == 1:
+            return kept
+        return M.rounded_removal(kept, threshold, width) if width else M.removal(kept, threshold)
 
     def deletion_base(self, images: Tensor) -> Tensor:
         """What the deletion term's removed regions show: the items' substrate rows ``(k, C, H, W)``, or
