@@ -386,6 +386,24 @@ def floored_removal(found: Tensor, threshold: float, width: float, floor: float)
     return torch.where(z < width, bottom, rounded_removal(z, 1.0, width))
 
 
+def gated_gradient(grad: Tensor, gate: float, quantile: float = 0.99) -> Tensor:
+    """The deletion term's gradient on the kept pixels ``(k, H, W)``, each row's weak part damped.
+
+    Adam moves an element by about its rate whatever its gradient's size, so while the deletion term
+    is unsatisfied it raises every element whose removal lowers the class at all: over a scene of
+    several objects, a faint haze on the other objects (issue 7). Here a pixel's gradient is scaled by
+    ``min(1, |g| / (gate · q))``, ``q`` the row's ``quantile`` of ``|g|``: strong evidence passes as it
+    is, a gradient ten times below the gate's share of ``q`` a tenth as strongly again.
+
+    Example:
+        >>> gated_gradient(torch.tensor([[[1.0, 0.5, 0.1, -0.05]]]), 1.0, quantile=1.0)
+        tensor([[[ 1.0000,  0.2500,  0.0100, -0.0025]]])
+    """
+    magnitude = grad.abs()
+    scale = torch.quantile(magnitude.flatten(1), quantile, dim=1).view(-1, *[1] * (grad.dim() - 1))
+    return grad * (magnitude / (gate * scale).clamp_min(torch.finfo(grad.dtype).tiny)).clamp(max=1.0)
+
+
 def remove_found(
     images: Tensor, found: Tensor, mean: Tensor, std: Tensor
 ) -> Tensor:

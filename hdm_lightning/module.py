@@ -179,6 +179,10 @@ class MaskExplainer(LightningModule):
             threshold, both kinks rounded by ``deletion_edge_width``, in place of ``deletion_edge``'s removal; 0,
             the default, ramps from 0).
             The term's gradient then does not raise faint values over what the class does not hold.
+        deletion_gate: the deletion term's gradient on each kept pixel damped by its size, as a share
+            ``gate`` of the item's 99th percentile (:func:`~hdm_lightning.masks.gated_gradient`; 0,
+            the default, leaves it whole): the term then raises what its removal clearly lowers, not
+            every faint element Adam's normalised steps would carry up.
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -360,6 +364,7 @@ class MaskExplainer(LightningModule):
         deletion_edge: str = "hard",
         deletion_edge_width: float = 0.2,
         deletion_floor: float = 0.0,
+        deletion_gate: float = 0.0,
         smoothness_weight: float = 4.0,
         lr: float = 2.5e-2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
@@ -426,6 +431,8 @@ class MaskExplainer(LightningModule):
         if not 0 <= deletion_floor < deletion_threshold:
             raise ValueError(f"model.deletion_floor must be in [0, model.deletion_threshold) = [0, "
                              f"{deletion_threshold}), got {deletion_floor}")
+        if deletion_gate < 0:
+            raise ValueError(f"model.deletion_gate must be >= 0 (0: off), got {deletion_gate}")
         if deletion_restart < 0:
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
@@ -565,12 +572,24 @@ class MaskExplainer(LightningModule):
             if self.hparams.deletion_warmup:
                 term = term * self.deletion_ramp(slots)
             if backward is not None:
-                backward(term.sum())
+                self.backward_deletion(term, up, backward)
                 term = term.detach()
             losses = losses + term
         if backward is not None and up.grad is not None:
             kept.backward(up.grad)  # already scaled: not through the precision plugin again
         return losses
+
+    def backward_deletion(self, term: Tensor, up: Tensor, backward: Callable[..., None]) -> None:
+        """Backpropagates the deletion term to the kept pixels ``up``, its gradient there gated
+        (``deletion_gate``) before it joins the first pass's."""
+        gate = self.hparams.deletion_gate
+        if not gate:
+            backward(term.sum())
+            return
+        first, up.grad = up.grad, None
+        backward(term.sum())
+        gated = M.gated_gradient(up.grad, gate)
+        up.grad = gated if first is None else first + gated
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
