@@ -179,10 +179,11 @@ class MaskExplainer(LightningModule):
             threshold, both kinks rounded by ``deletion_edge_width``, in place of ``deletion_edge``'s removal; 0,
             the default, ramps from 0).
             The term's gradient then does not raise faint values over what the class does not hold.
-        deletion_gate: the deletion term's gradient on each kept pixel damped by its size, as a share
-            ``gate`` of the item's 99th percentile (:func:`~hdm_lightning.masks.gated_gradient`; 0,
-            the default, leaves it whole): the term then raises what its removal clearly lowers, not
-            every faint element Adam's normalised steps would carry up.
+        deletion_gate: the deletion term's gradient on each mask element kept only where it is at
+            least ``gate`` of the item's largest, none below half of that
+            (:func:`~hdm_lightning.masks.strong_part`; 0, the default, keeps it whole): the term then
+            raises what its removal clearly lowers, not every faint element Adam's normalised steps
+            would carry up (issue 7's haze).
         smoothness_weight: ``λ_s`` of :func:`~hdm_lightning.masks.smoothness_loss` (squared differences
             of neighbouring mask elements; not in the paper, 0 leaves it out). Among the many masks
             that keep a class's score about equally well it makes the smooth, compact one the
@@ -572,24 +573,26 @@ class MaskExplainer(LightningModule):
             if self.hparams.deletion_warmup:
                 term = term * self.deletion_ramp(slots)
             if backward is not None:
-                self.backward_deletion(term, up, backward)
+                self.backward_deletion(term, up, kept, backward)
                 term = term.detach()
             losses = losses + term
         if backward is not None and up.grad is not None:
             kept.backward(up.grad)  # already scaled: not through the precision plugin again
         return losses
 
-    def backward_deletion(self, term: Tensor, up: Tensor, backward: Callable[..., None]) -> None:
-        """Backpropagates the deletion term to the kept pixels ``up``, its gradient there gated
-        (``deletion_gate``) before it joins the first pass's."""
+    def backward_deletion(self, term: Tensor, up: Tensor, kept: Tensor, backward: Callable[..., None]) -> None:
+        """Backpropagates the deletion term to the kept pixels ``up``; under ``deletion_gate`` on to
+        the masks at once, where only the strong part of its gradient is kept."""
         gate = self.hparams.deletion_gate
         if not gate:
             backward(term.sum())
             return
         first, up.grad = up.grad, None
         backward(term.sum())
-        gated = M.gated_gradient(up.grad, gate)
-        up.grad = gated if first is None else first + gated
+        deletion, up.grad = up.grad, None
+        if first is not None:
+            kept.backward(first, retain_graph=True)
+        self.pool.gated_backward(lambda: kept.backward(deletion), gate)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:

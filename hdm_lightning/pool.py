@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from hdm_lightning.masks import Chain, chains_at_level, upsample
+from hdm_lightning.masks import Chain, chains_at_level, strong_part, upsample
 
 
 @dataclass(frozen=True)
@@ -359,6 +359,19 @@ class MaskPool(nn.Module):
     def kept(self, chunk: list[Group], size: tuple[int, int]) -> Tensor:
         """``Up(P_l)`` of the chunk's items in batch order, float32 ``(k, H, W)``."""
         return torch.cat([upsample(self.superimposed(group), size) for group in chunk])
+
+    def gated_backward(self, backward: Callable[[], None], gate: float) -> None:
+        """Runs ``backward`` and adds to each row's gradient only the strong part of what it brings
+        (:func:`~hdm_lightning.masks.strong_part`: the deletion term's ``model.deletion_gate``)."""
+        before = {size: mask.grad for size, mask in self.masks.items()}
+        for mask in self.masks.values():
+            mask.grad = None
+        backward()
+        for size, mask in self.masks.items():
+            if mask.grad is None:
+                mask.grad = before[size]
+            else:
+                mask.grad = strong_part(mask.grad, gate) + (0 if before[size] is None else before[size])
 
     @staticmethod
     def slots(chunk: list[Group]) -> Tensor:

@@ -205,3 +205,18 @@ def test_floored_removal_removes_nothing_below_its_floor_and_ramps_to_the_thresh
     assert torch.allclose(floored[56:], torch.ones(45, dtype=torch.float64))  # whole from 0.55 on
     assert slope.diff().abs().max() < 0.81  # no jump: a step of 0.01 moves the slope by 4 · 0.01 / 0.05 at most
     assert torch.equal(M.floored_removal(found, 0.5, 0.0, 0.25), ((found - 0.25) / 0.25).clamp(0, 1))
+
+
+def test_strong_part_keeps_each_rows_strong_gradient_and_drops_its_weak_part_without_jumps():
+    """Each row is gated against its own largest element: a row of strong gradients does not silence
+    another row's evidence, signs stay, and the weight rises from 0 to 1 between half the gate and it."""
+    strong = torch.linspace(-1, 1, 201, dtype=torch.float64)
+    grad = torch.stack([strong, strong * 1e-3]).view(2, 1, 201)  # the second row a thousand times weaker
+    gated = M.strong_part(grad, 0.4)
+    assert torch.allclose(gated[1], gated[0] * 1e-3)  # per row, not against the batch
+    magnitude = strong.abs()
+    assert torch.equal(gated[0, 0][magnitude >= 0.4], strong[magnitude >= 0.4])  # at the gate or above: whole
+    assert gated[0, 0][magnitude <= 0.2].abs().max() == 0  # below half the gate: nothing
+    assert float(gated[0, 0][130]) == pytest.approx(0.3 * 0.5)  # |g| 0.3: half its weight
+    assert bool((gated.sign() * grad.sign() >= 0).all()) and bool((gated.abs() <= grad.abs()).all())
+    assert gated[0, 0].diff().abs().max() < 0.03  # a step of 0.01 in g moves the gated one by 0.025 at most

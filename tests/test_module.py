@@ -106,6 +106,15 @@ def test_deletion_floor_moves_the_maps_and_must_lie_below_the_threshold(images, 
             MaskExplainer(classifier=SpotClassifier(), deletion_floor=floor)
 
 
+def test_deletion_gate_moves_the_maps_and_must_not_be_negative(images, tmp_path):
+    """``model.deletion_gate`` (stop 60) reaches the deletion pass's backward (the maps move)."""
+    plain = maps(explain(images, tmp_path / "plain"))
+    gated = maps(explain(images, tmp_path / "gate", module={"deletion_gate": 0.5}))
+    assert all(not np.array_equal(plain[name], gated[name]) for name in plain)
+    with pytest.raises(ValueError, match="model.deletion_gate"):
+        MaskExplainer(classifier=SpotClassifier(), deletion_gate=-0.1)
+
+
 def test_deletion_threshold_must_be_a_share_of_the_mask():
     for threshold in (0.0, 1.5):
         with pytest.raises(ValueError, match="model.deletion_threshold"):

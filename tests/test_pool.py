@@ -392,3 +392,16 @@ def test_a_step_cap_bounds_the_mask_wide_steps_largest_jumps_and_keeps_the_small
 
     with pytest.raises(ValueError, match="model.step_cap"):
         MaskExplainer(SpotClassifier(), step_cap=-1)
+
+
+def test_a_gated_backward_keeps_the_earlier_gradient_and_adds_only_the_strong_part_of_its_own():
+    """``model.deletion_gate``: what the first pass left in a row stays whole; of what the gated
+    backward brings, an element far below the row's strongest gets nothing."""
+    pool = MaskPool([2], capacity=2, init_value=0.5)
+    pool.admit(Item(0, 0, 0, 0), 2)
+    mask = pool.masks["2"]
+    (mask * torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])).sum().backward()  # the first pass: 1 everywhere
+    strong_then_faint = torch.tensor([[[4.0, 0.05], [-3.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    pool.gated_backward(lambda: (mask * strong_then_faint).sum().backward(), 0.2)
+    expected = torch.tensor([[[5.0, 1.0], [-2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    torch.testing.assert_close(mask.grad, expected)
