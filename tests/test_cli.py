@@ -193,7 +193,9 @@ def test_sufficient_and_deletion_presets_change_only_the_deletion_term(capsys):
     assert tuple(deletion["model"][key] for key in TERMS) == (2.0, "mean", "same")
     assert (fast["model"]["start"], sufficient["model"]["start"], deletion["model"]["start"]) == (
         "gradcam", "constant", "constant")
-    assert without_keys(sufficient, (*TERMS, "start")) == without_keys(fast, (*TERMS, "start"))
+    assert fast["model"]["deletion_gate"] == 0.0  # as measured (the defaults gate the term since stop 60) ...
+    gate = ("deletion_gate",)  # ... a setting of the term, which sufficient leaves out
+    assert without_keys(sufficient, (*TERMS, "start", *gate)) == without_keys(fast, (*TERMS, "start", *gate))
     assert (fast["model"]["deletion_threshold"], deletion["model"]["deletion_threshold"]) == (0.5, 1.0)  # stop 50
     assert without_keys(deletion, (*TERMS, "start", "deletion_threshold")) == without_keys(
         fast, (*TERMS, "start", "deletion_threshold"))
@@ -222,13 +224,16 @@ def test_scenes_preset_is_fast_warmed_up_at_twice_the_rate_with_one_stage(capsys
 
 
 def test_fine_preset_is_fast_at_half_the_rate_over_twice_the_steps(capsys):
-    """Only the rate and the steps a level move (issue 7, stop 55; the defaults since stop 56); the cosine
+    """Only the rate, the steps a level (issue 7, stop 55; the defaults since stop 56) and the deletion term's
+    gate (stop 60; ``fast`` keeps the whole gradient it was measured with) move; the cosine
     decay follows ``max_steps`` (``test_cosine_horizon_is_linked_to_max_steps``)."""
     fast, fine = printed_presets(capsys, "fast", "fine")
     assert (fine["model"]["lr"], fast["model"]["lr"]) == (0.025, 0.05)
+    assert (fine["model"]["deletion_gate"], fast["model"]["deletion_gate"]) == (0.1, 0.0)  # since stop 60
     assert (fine["schedule"]["min_steps"], fine["schedule"]["max_steps"]) == (40, 80)
     assert {**fine["schedule"], "min_steps": 20, "max_steps": 40} == fast["schedule"]
-    assert without_keys(fine, ("lr",)) | {"schedule": None} == without_keys(fast, ("lr",)) | {"schedule": None}
+    keys = ("lr", "deletion_gate")
+    assert without_keys(fine, keys) | {"schedule": None} == without_keys(fast, keys) | {"schedule": None}
 
 
 def test_reference_presets_leave_the_deletion_term_and_the_floor_out(capsys):
