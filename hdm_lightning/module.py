@@ -181,7 +181,7 @@ class MaskExplainer(LightningModule):
             The term's gradient then does not raise faint values over what the class does not hold.
         deletion_gate: the deletion term's gradient on each mask element kept only where it is at
             least ``gate`` of the item's largest, none below half of that
-            (:func:`~hdm_lightning.masks.strong_part`; 0, the default, keeps it whole): the term then
+            (:func:`~hdm_lightning.masks.strong_part`; 0 keeps it whole, as to stop 59): the term then
             raises what its removal clearly lowers, not every faint element Adam's normalised steps
             would carry up (issue 7's haze). At 0.1 (since stop 60): 224-px mosaics' share in the
             class's tile 0.830 against 0.793 (pointing 1.00 both; every class up), stage 1 at 448 px
