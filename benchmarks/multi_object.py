@@ -402,7 +402,8 @@ def main() -> None:
 
     classifier = freeze(EfficientNetLite(args.variant))
     scenes, targets = build_scenes(classifier, classifier.class_names(), args.size)
-    base = args.results / ("" if args.variant == "lite0" else args.variant) / f"size{args.size}"
+    # absolute: each HDM run starts in its engine's folder, where a relative path would name another place
+    base = args.results.resolve() / ("" if args.variant == "lite0" else args.variant) / f"size{args.size}"
     for name, image in scenes.items():
         (base / "scenes").mkdir(parents=True, exist_ok=True)
         image.save(base / "scenes" / f"{name}.png")
