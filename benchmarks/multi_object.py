@@ -113,13 +113,31 @@ def engine_files() -> list[Path]:
     return sorted(p.relative_to(ROOT) for p in files if "__pycache__" not in p.parts)
 
 
+def meaning(path: Path) -> str:
+    """What of a file can change a run: a config's parsed values, a module's syntax tree without its
+    docstrings; comments and wording are left out, so editing them keeps the cached results."""
+    import ast
+
+    import yaml
+
+    if path.suffix == ".yaml":
+        return json.dumps(yaml.safe_load(path.read_text()), sort_keys=True)
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def engine_snapshot(base: Path) -> tuple[str, Path]:
     """Hash of the HDM engine's files and a frozen copy of them under ``<base>/engines/<hash>``.
 
     HDM runs start ``train_masks.py`` from the copy (its folder comes first on ``sys.path``,
     before the editable install), so a run is not changed by edits to the tree while it lasts,
-    and results are cached per engine hash: after an edit, HDM variants are computed afresh and
-    the earlier results stay where they are.
+    and results are cached per engine hash (of each file's :func:`meaning`): after an edit that can
+    change a run, HDM variants are computed afresh and the earlier results stay where they are.
     """
     import hashlib
     import shutil
@@ -127,7 +145,7 @@ def engine_snapshot(base: Path) -> tuple[str, Path]:
     files = engine_files()
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path).encode() + b"\0" + (ROOT / path).read_bytes() + b"\0")
+        digest.update(str(path).encode() + b"\0" + meaning(ROOT / path).encode() + b"\0")
     name = digest.hexdigest()[:12]
     target = base / "engines" / name
     if not target.is_dir():
@@ -309,7 +327,8 @@ def summary(results: dict, targets: list[Target], methods: list[str], size: int,
         f"{'' if variant == 'lite0' else ' --variant ' + variant}` (commit {git_commit()}). "
         f"Share: positive mass of the map in the class's tile (chance 0.25), mean over the "
         f"{len(singles)} mosaic targets; pointing: the map's maximum in that tile; {COVER_RULE}. "
-        f"HDM: engine {engine} (hash of hdm_lightning, train_masks.py, configs; results of other engines are "
+        f"HDM: engine {engine} (hash of hdm_lightning, train_masks.py and configs, comments and docstrings aside; "
+        "results of other engines are "
         "kept in their own folders and not shown). Seconds per target: this machine, threads as run (HDM: "
         "the run's optimisation time, `seconds` of its index row, without process start-up; RISE: one pass "
         "over its masks serves every "
