@@ -132,6 +132,10 @@ class MaskExplainer(LightningModule):
         deletion_substrate: what the deletion term removes the kept regions to: ``same`` (the masks'
             substrate) or ``mean`` (the mean colour, what the deletion AUC removes to). Under the blur
             a removed region keeps its colours, so ``same`` asks for less than the deletion AUC does.
+        deletion_mix: under ``deletion_substrate: mean``, the share of the masks' substrate in what the
+            removed regions show (0: the mean colour alone). The mean colour carries the maps'
+            divergence under other arithmetic (stage 1 across thread counts 0.975, 0.995 removing to the
+            blur, which costs deletion AUC; docs/experiments.md, stop 63): an experiment between the two.
         deletion_score: the score the deletion term measures the evidence left in: ``same`` (the
             stage's score) or ``log_odds`` (:func:`~hdm_lightning.masks.class_score`; monotone in the
             probability the deletion AUC reads), its evidence then measured over the deletion base
@@ -360,6 +364,7 @@ class MaskExplainer(LightningModule):
         sparsity_weight: float = 1.0,
         deletion_weight: float = 2.0,
         deletion_substrate: Literal["same", "mean"] = "mean",
+        deletion_mix: float = 0.0,
         deletion_score: Literal["same", "log_odds"] = "log_odds",
         deletion_restart: int = 0,
         deletion_warmup: int = 0,
@@ -440,6 +445,8 @@ class MaskExplainer(LightningModule):
             raise ValueError(f"model.deletion_restart must be >= 0 (0: never), got {deletion_restart}")
         if not 0 <= map_floor < 1:
             raise ValueError(f"model.map_floor must be in [0, 1) (0: no floor), got {map_floor}")
+        if not 0 <= deletion_mix <= 1:
+            raise ValueError(f"model.deletion_mix must be in [0, 1] (0: the mean colour), got {deletion_mix}")
         if deletion_substrate not in ("same", "mean"):
             raise ValueError(f"model.deletion_substrate must be 'same' or 'mean', got {deletion_substrate!r}")
         if deletion_score not in ("same", "log_odds"):
@@ -687,7 +694,14 @@ class MaskExplainer(LightningModule):
     def deletion_base(self, images: Tensor) -> Tensor:
         """What the deletion term's removed regions show: the items' substrate rows ``(k, C, H, W)``, or
         the mean colour as a 0-d zero (broadcast, so a step copies and allocates no image rows for it)."""
-        return self.substrate.new_zeros(()) if self.deletes_to_mean else self.substrate[images]
+        if not self.deletes_to_mean:
+            return self.substrate[images]
+        return self.deletion_base_of(self.substrate[images]) if self.hparams.deletion_mix else self.substrate.new_zeros(())
+
+    def deletion_base_of(self, substrate: Tensor) -> Tensor:
+        """The mean colour (zeros) with ``deletion_mix`` of ``substrate`` blended in."""
+        mix = self.hparams.deletion_mix
+        return substrate * mix if mix else torch.zeros_like(substrate)
 
     @property
     def passes_per_step(self) -> int:
@@ -825,7 +839,7 @@ class MaskExplainer(LightningModule):
         """Stage ``state.stage``: its target, ``f_c(x^(t))``, the floor, and its row; no item yet."""
         stage_input = self.stage_input_of(state)
         substrate = self.make_substrate(stage_input[None], state.substrate)[0]
-        rows = [stage_input, substrate] + ([torch.zeros_like(stage_input)] if self.deletes_to_mean else [])
+        rows = [stage_input, substrate] + ([self.deletion_base_of(substrate)] if self.deletes_to_mean else [])
         logits = self.classifier(torch.stack(rows)).float()  # (2, K), (3, K) with the mean colour
         original = torch.tensor([state.target], device=self.device)
         target = original if state.stage == 0 else self.target_policy(logits[:1], original)

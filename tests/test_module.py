@@ -301,6 +301,19 @@ def test_deletion_to_the_mean_colour_measures_from_the_mean_colour_image(images)
     assert state.floor != state.empty  # the blur's score is not the mean colour's
 
 
+def test_deletion_mix_blends_the_substrate_into_the_mean_colour(images):
+    """``deletion_mix``: the removed regions show that share of the masks' substrate over the mean colour
+    (0 in normalised space), and the deletion term's empty score is the class's on that blend."""
+    model = MaskExplainer(classifier=SpotClassifier(), mean=HALF, std=HALF, substrate="blur", deletion_weight=1.0,
+                          deletion_substrate="mean", deletion_score="same", deletion_mix=0.25)
+    image, state = first_stage_of_spot0(model, images)
+    blend = 0.25 * model.substrate[:1]
+    torch.testing.assert_close(model.deletion_base(torch.tensor([0])), blend)
+    torch.testing.assert_close(state.empty, model.classifier(blend)[0, 1])
+    with pytest.raises(ValueError, match="model.deletion_mix"):
+        MaskExplainer(classifier=SpotClassifier(), deletion_mix=1.5)
+
+
 def test_classifier_is_frozen_and_unchanged(images, tmp_path):
     classifier = SpotClassifier()
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
