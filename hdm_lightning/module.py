@@ -160,10 +160,6 @@ class MaskExplainer(LightningModule):
             it trades the term's deletion gain for share and insertion; with ``lr 0.1`` (40 steps) the
             224-px mosaics' share in the class's tile is 0.736 against the defaults' 0.471, 0.773 with
             one stage (the ``scenes`` preset; docs/experiments.md, stops 34 and 35).
-        deletion_until: with the deletion term, the item step at which its weight reaches 0, falling
-            linearly over the second half of those steps (0: the full weight to the end). An experiment
-            on the maps' stability (issue 7, stop 64): the term's flat optimum lets float noise decide
-            the mask, the consistency and sparsity terms alone do not.
         deletion_threshold: how much of a kept region the deletion term removes:
             ``clamp(Up(P) / threshold, 0, 1)`` (:func:`~hdm_lightning.masks.removal`); 1 removes
             ``Up(P)`` as the masks keep it (the defaults to stop 49). At 0.5 (since stop 50) a region
@@ -372,7 +368,6 @@ class MaskExplainer(LightningModule):
         deletion_score: Literal["same", "log_odds"] = "log_odds",
         deletion_restart: int = 0,
         deletion_warmup: int = 0,
-        deletion_until: int = 0,
         deletion_threshold: float = 0.5,
         deletion_edge: str = "hard",
         deletion_edge_width: float = 0.2,
@@ -433,8 +428,6 @@ class MaskExplainer(LightningModule):
         if mask_param not in ("clamp", "sigmoid") or (mask_param == "sigmoid" and (shrink or weight_decay)):
             raise ValueError(f"model.mask_param must be 'clamp' or 'sigmoid' (then without model.shrink and "
                              f"model.weight_decay), got {mask_param!r}")
-        if deletion_until < 0:
-            raise ValueError(f"model.deletion_until must be >= 0 (0: the term to the end), got {deletion_until}")
         if deletion_warmup < 0:
             raise ValueError(f"model.deletion_warmup must be >= 0 (0: the full weight at once), got {deletion_warmup}")
         if not 0 < deletion_threshold <= 1:
@@ -586,7 +579,7 @@ class MaskExplainer(LightningModule):
                                        self.deletion_base(images))
             term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
                                         images)
-            if self.hparams.deletion_warmup or self.hparams.deletion_until:
+            if self.hparams.deletion_warmup:
                 term = term * self.deletion_ramp(slots)
             if backward is not None:
                 self.backward_deletion(term, up, kept, backward)
@@ -670,13 +663,8 @@ class MaskExplainer(LightningModule):
 
     def deletion_ramp(self, slots: Tensor) -> Tensor:
         """The share of ``deletion_weight`` the items in pool ``slots`` get at their current step under
-        ``deletion_warmup`` and ``deletion_until``, ``(k,)``."""
-        steps, ramp = self.pool.steps[slots].float(), 1.0
-        if warmup := self.hparams.deletion_warmup:
-            ramp = (steps / warmup).clamp(max=1.0)
-        if until := self.hparams.deletion_until:
-            ramp = ramp * (2 * (until - steps) / until).clamp(0.0, 1.0)
-        return ramp
+        ``deletion_warmup``, ``(k,)``."""
+        return (self.pool.steps[slots].float() / self.hparams.deletion_warmup).clamp(max=1.0)
 
     @property
     def deletes_to_mean(self) -> bool:
