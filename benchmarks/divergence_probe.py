@@ -4,9 +4,9 @@ Issue 7 asks where the maps' divergence starts. This runs :func:`hdm_lightning.e
 photo twice in one process, at ``--threads`` one and two (oneDNN splits a convolution's sums by the
 thread count, so the two runs differ by float reassociation alone), records every item's mask after
 every optimiser step, and prints, for each level of each chain, the mean elementwise difference
-between the two runs' masks at a few steps (and the largest at the level's last step). A difference that grows by orders of magnitude over the
-steps is the optimisation amplifying float noise (the path, not the optimum, decides the mask); one
-that stays at the noise's size is not.
+between the two runs' masks at a few steps (and the largest at the level's last step). A difference
+that grows by orders of magnitude over the steps is the optimisation amplifying float noise (the
+path, not the optimum, decides the mask); one that stays at the noise's size is not.
 
 Usage (stage 1 of chelsea at 224 px, the defaults; about 3 min on 2 cores):
     python benchmarks/divergence_probe.py
@@ -69,8 +69,7 @@ def divergence_rows(first: dict, second: dict) -> list[str]:
         steps = min(len(a), len(b))
         gaps = [f"{float((a[s - 1] - b[s - 1]).abs().mean()):.0e}" if s <= steps else "" for s in STEPS]
         last = float((a[steps - 1] - b[steps - 1]).abs().max())
-        size = tuple(a[0].shape)[0]
-        rows.append(f"| {item.stage + 1} | {item.chain} | {item.level} | {size} | {len(a)} / {len(b)} | "
+        rows.append(f"| {item.stage + 1} | {item.chain} | {item.level} | {a[0].shape[0]} | {len(a)} / {len(b)} | "
                     + " | ".join(gaps) + f" | {last:.0e} |")
     return rows
 
