@@ -696,7 +696,9 @@ class MaskExplainer(LightningModule):
         the mean colour as a 0-d zero (broadcast, so a step copies and allocates no image rows for it)."""
         if not self.deletes_to_mean:
             return self.substrate[images]
-        return self.deletion_base_of(self.substrate[images]) if self.hparams.deletion_mix else self.substrate.new_zeros(())
+        if self.hparams.deletion_mix:
+            return self.deletion_base_of(self.substrate[images])
+        return self.substrate.new_zeros(())
 
     def deletion_base_of(self, substrate: Tensor) -> Tensor:
         """The mean colour (zeros) with ``deletion_mix`` of ``substrate`` blended in."""

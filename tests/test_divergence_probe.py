@@ -19,7 +19,8 @@ def test_every_item_is_recorded_at_every_step_and_the_pool_step_is_restored():
     with divergence_probe.recorded_masks() as trajectories:
         explain(SpotClassifier(), spot_batch(1), **{**SMALL, "stages": 1})
     assert MaskPool.step is step
-    assert len(trajectories) == 4 and {item.level for item in trajectories} == {0, 1}  # chains (3, 6), (4, 8): two items a level
+    # chains (3, 6) and (4, 8): two items a level
+    assert len(trajectories) == 4 and {item.level for item in trajectories} == {0, 1}
     for item, masks in trajectories.items():
         assert SMALL["min_steps"] <= len(masks) <= SMALL["max_steps"]
         assert all(0 <= float(m.min()) and float(m.max()) <= 1 for m in masks)
