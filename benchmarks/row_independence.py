@@ -5,10 +5,12 @@ others, with and without padding the batch to a fixed number of rows, at the sam
 another, and with one thread against two: with oneDNN, with the 1×1 convolutions as matrix products
 (padded to 8 rows, and unpadded at 1, 2 and 4 rows) and without oneDNN; then which convolutions give
 other bits at another thread count, and what a pass costs each way. This is what
-``model.fixed_batch`` and ``model.thread_invariant`` rely on (README, "Stability").
+``model.fixed_batch`` and ``model.thread_invariant`` rely on (README, "Stability"). MKL is asked for
+thread-independent sums first, as ``train_masks.py`` does (``--loose_mkl``: not; stop 66); ``--channels_last``
+runs the classifier channels-last, as the defaults do since stop 66.
 
 Usage:
-    python benchmarks/row_independence.py [--size 96]
+    python benchmarks/row_independence.py [--size 96] [--channels_last] [--loose_mkl]
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hdm_lightning.models import EfficientNetLite0  # noqa: E402
-from hdm_lightning.pointwise import pointwise_as_matmul  # noqa: E402
+from hdm_lightning.pointwise import pointwise_as_matmul, strict_mkl  # noqa: E402
 
 TARGET = 285
 
 
 def logit_and_gradient(model: torch.nn.Module, batch: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch.set_num_threads(threads)
-    batch = batch.clone().requires_grad_(True)
+    batch = batch.clone().contiguous(memory_format=layout_of(model)).requires_grad_(True)
     logit = model(batch)[:, TARGET]
     logit.sum().backward()
     return logit.detach(), batch.grad
+
+
+def layout_of(model: torch.nn.Module) -> torch.memory_format:
+    """Channels-last where the model's first convolution weight is (``--channels_last``)."""
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    return torch.contiguous_format if weight.is_contiguous() else torch.channels_last
 
 
 def padded(batch: torch.Tensor, rows: int) -> torch.Tensor:
@@ -47,7 +55,10 @@ def main() -> None:
     parser.add_argument("--torchvision", nargs="*", default=[], metavar="NAME",
                         help="also list the thread-dependent convolutions of these torchvision architectures "
                              "(random weights: the arithmetic, not the answer, is compared), e.g. resnet50")
+    parser.add_argument("--channels_last", action="store_true", help="the classifier channels-last (the default since stop 66)")
+    parser.add_argument("--loose_mkl", action="store_true", help="leave MKL's default (sums split by the thread count)")
     args = parser.parse_args()
+    print("MKL strict:", False if args.loose_mkl else strict_mkl())
     torch.manual_seed(0)
     for name in args.torchvision:
         import torchvision
@@ -61,6 +72,8 @@ def main() -> None:
             print(f"{name}, 1 thread vs 2, {arithmetic}: input gradient equal {torch.equal(one, two)}, "
                   f"relative change {((one - two).norm() / one.norm()).item():.1e}")
     model = EfficientNetLite0().eval().requires_grad_(False)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     images = torch.randn(4, 3, args.size, args.size)
     for threads in (1, 2):
         alone, alone_grad = logit_and_gradient(model, padded(images[:1], 8), threads)

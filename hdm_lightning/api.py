@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from hdm_lightning.callbacks import HDMSchedule
 from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD, ImageRecord, StepStream
+from hdm_lightning.models import layout_advice
 from hdm_lightning.module import MaskExplainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -156,7 +157,12 @@ def explain(
             default_root_dir=folder,
         )
         data = TensorInputs(images.detach().cpu(), targets, run.get("batch_size", count))
-        trainer.fit(model, datamodule=data)
+        try:
+            trainer.fit(model, datamodule=data)
+        except RuntimeError as error:
+            if not layout_advice(error):
+                raise
+            raise RuntimeError(f"explain: {error}{layout_advice(error)}") from error
     restore(module, device, *state)
     return gather(collect.results, count, schedule.stages, device)
 

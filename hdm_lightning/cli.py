@@ -30,6 +30,7 @@ from hdm_lightning.data import ExplanationDataModule
 from hdm_lightning.models import output_classes
 from hdm_lightning.module import MaskExplainer
 from hdm_lightning.outputs import RunFolder
+from hdm_lightning.pointwise import strict_mkl
 from hdm_lightning.progress import ImageProgressBar
 from hdm_lightning.report import failure_summary, write_report
 from hdm_lightning.strategy import STRATEGY_NAME, IndependentRanksStrategy, rank_path
@@ -170,6 +171,7 @@ EXPECTED_WARNINGS = (
 
 
 def main(args: list[str] | None = None) -> None:
+    strict_mkl()  # before anything multiplies matrices (model.thread_invariant)
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if not (sys.argv[1:] if args is None else args):

@@ -41,10 +41,19 @@ def output_classes(classifier: nn.Module, channels: int, size: int) -> int:
             logits = classifier(torch.zeros(1, channels, size, size, device=device))
     except RuntimeError as error:
         raise ValueError(f"model.classifier does not take a (1, {channels}, {size}, {size}) input (data.mean has "
-                         f"{channels} values, data.image_size={size}): {error}") from error
+                         f"{channels} values, data.image_size={size}): {error}{layout_advice(error)}") from error
     if logits.ndim != 2:
         raise ValueError(f"model.classifier returns shape {tuple(logits.shape)}; expected (batch, classes)")
     return int(logits.shape[1])
+
+
+def layout_advice(error: Exception) -> str:
+    """What to do where a classifier ``view``s a channels-last tensor (``model.channels_last`` is on by
+    default); empty for any other error."""
+    if "view size is not compatible" not in str(error):
+        return ""
+    return (" The classifier calls .view on a tensor in channels-last layout (model.channels_last, on by "
+            "default): use .reshape there, or set --model.channels_last false")
 
 
 def imagenet_categories() -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 from typing_extensions import override
@@ -32,7 +33,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
-from hdm_lightning.pointwise import pointwise_as_matmul
+from hdm_lightning.pointwise import MKL_STRICT, mkl_service, pointwise_as_matmul, strict_mkl
 from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.precision import high_resolution_modules, run_in_float32
 from hdm_lightning.start import gradcam_map, start_values
@@ -338,13 +339,15 @@ class MaskExplainer(LightningModule):
             the bitwise same map in a batch of one or of many on one machine and thread count; the
             padding rows cost passes (issue 7, stability).
         thread_invariant: run the classifier's 1×1 convolutions as matrix products
-            (:mod:`hdm_lightning.pointwise`): on CPU oneDNN splits their sums by the thread count, and the
-            optimisation carries that into the map (one process against two, issue 7). As products
-            they give the same bits at one thread and two from two rows up (a pass and backward at 224 px
-            costs a quarter more; a one-row product at 7×7 still splits its sum at two threads). With
-            ``fixed_batch`` a map no longer depends on the batch, the processes or the threads
-            (``configs/reproducible.yaml``). Not with ``compile``.
-        channels_last: give the classifier channels-last inputs (faster convolutions on GPUs).
+            (:mod:`hdm_lightning.pointwise`) with MKL's strict reproducibility: on CPU oneDNN splits their
+            sums by the thread count, and the optimisation carries that into the map (one process
+            against two correlate 0.974 at 224 px). With it a map is the same to the bit in a batch of
+            one or four, in one process or two, at one thread or two on one CPU type (issue 7, stop 66).
+            Not under ``compile`` (the compiled graph keeps oneDNN's convolutions) nor on GPUs.
+        channels_last: give the classifier channels-last inputs: faster convolutions on GPUs, and on
+            CPU the layout in which ``thread_invariant``'s products need no copies (a pass and
+            backward as fast as oneDNN's). A classifier that calls ``.view`` on a convolution's
+            output may need ``.reshape`` (the error says so) or this off.
         float32_stride: under mixed precision (``bf16-mixed``, ``16-mixed``) the classifier's layers
             before its feature maps fall below ``1/float32_stride`` of the input's side run in float32
             (:mod:`hdm_lightning.precision`; 0: every layer in the lower precision). Most of bf16's
@@ -408,8 +411,8 @@ class MaskExplainer(LightningModule):
         max_items: int = 16,
         compile: bool = False,
         fixed_batch: bool = False,
-        thread_invariant: bool = False,
-        channels_last: bool = False,
+        thread_invariant: bool = True,
+        channels_last: bool = True,
         float32_stride: int = 8,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
@@ -492,9 +495,6 @@ class MaskExplainer(LightningModule):
                              f"got {start!r}, {start_levels!r}")
         if len(start_range) != 2 or not 0 <= start_range[0] <= start_range[1] <= 1:
             raise ValueError(f"model.start_range must be [low, high] with 0 <= low <= high <= 1, got {start_range}")
-        if thread_invariant and compile:
-            raise ValueError("model.thread_invariant cannot run with model.compile (the compiled graph keeps "
-                             "oneDNN's 1x1 convolutions); set one of them to false")
         if float32_stride < 0:
             raise ValueError(f"model.float32_stride must be >= 0 (0: no layer kept in float32), got {float32_stride}")
         self.save_hyperparameters(ignore=["classifier", "consistency", "target_policy", "fusion"])
@@ -519,6 +519,8 @@ class MaskExplainer(LightningModule):
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
         self.float32_hooks: list | None = None  # installed at the first step (float32_stride)
         self.pointwise_hooks: list = []  # installed for the fit (thread_invariant)
+        if thread_invariant:
+            strict_mkl()  # before the classifier's first product; checked again at the fit's start
 
     # ----------------------------------------------------------------- the optimisation step
     def size_of(self, item: Item) -> int:
@@ -650,9 +652,17 @@ class MaskExplainer(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """``thread_invariant``: the classifier's 1×1 convolutions as matrix products for the fit."""
-        if self.hparams.thread_invariant and not self.pointwise_hooks:
+        """``thread_invariant``: the classifier's 1×1 convolutions as matrix products for the fit (on
+        CPU, eager), and a warning where MKL ran before it could be made strict."""
+        if not self.hparams.thread_invariant or self.hparams.compile or self.device.type != "cpu":
+            return
+        if not self.pointwise_hooks:
             self.pointwise_hooks = pointwise_as_matmul(self.classifier)
+        if mkl_service() is not None and not strict_mkl():
+            rank_zero_warn(f"model.thread_invariant: MKL ran before it could be asked for sums that do not depend on "
+                           f"the thread count, so maps may differ in their last bits between batch sizes and thread "
+                           f"counts; set MKL_CBWR={MKL_STRICT} in the environment (or create the MaskExplainer before "
+                           f"any matrix product)")
 
     @override
     def teardown(self, stage: str) -> None:

@@ -26,6 +26,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import os
+from functools import cache
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,6 +70,41 @@ class PointwiseAsMatmul(TorchFunctionMode):
             if call["input"].device.type == "cpu" and is_pointwise(call["weight"], **options):
                 return pointwise_matmul(call["input"], call["weight"], call.get("bias"))
         return func(*args, **kwargs)
+
+
+#: MKL's conditional numerical reproducibility: ``AUTO`` (the code path of this CPU) with ``STRICT`` (the
+#: same bits at any thread count and row count, where MKL offers it: its matrix products among them)
+MKL_STRICT = "AUTO,STRICT"
+MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_ALL = 2, 0x10000, ~0
+
+
+@cache
+def mkl_service() -> ctypes.CDLL | None:
+    """The MKL service functions linked into PyTorch's CPU library; None where PyTorch has no MKL (ARM)
+    or no such library file (Windows names it otherwise)."""
+    try:
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:
+        return None
+    return library if hasattr(library, "mkl_serv_cbwr_set") else None
+
+
+def strict_mkl() -> bool:
+    """Asks MKL for matrix products whose bits depend on neither the thread count nor the number of
+    rows; returns whether they now do.
+
+    Without it a product of few rows splits its sum over the threads (a one-row product at the last
+    7×7 layers, 49 × 1152 by 192), so :class:`PointwiseAsMatmul` alone needs ``model.fixed_batch``'s
+    padding (stop 59). MKL takes the mode only before its first call: the variable ``MKL_CBWR`` (set
+    here for child processes too, unless the user set it) or the service call. Later it answers no,
+    and the caller warns. No MKL: False.
+    """
+    os.environ.setdefault("MKL_CBWR", MKL_STRICT)
+    service = mkl_service()
+    if service is None:
+        return False
+    service.mkl_serv_cbwr_set(MKL_CBWR_AUTO | MKL_CBWR_STRICT)  # refused (-8) once MKL has run: read back
+    return bool(service.mkl_serv_cbwr_get(MKL_CBWR_ALL) & MKL_CBWR_STRICT)
 
 
 def pointwise_as_matmul(classifier: nn.Module) -> list[RemovableHandle]:

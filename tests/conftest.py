@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+from hdm_lightning.pointwise import strict_mkl
+
+strict_mkl()  # as train_masks.py does, before anything multiplies matrices (model.thread_invariant)
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

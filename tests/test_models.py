@@ -89,3 +89,30 @@ def test_an_unknown_or_missing_efficientnet_lite_is_named():
         EfficientNetLite("lite9")
     with pytest.raises(ImportError, match="pip install efficientnet-lite4-pytorch-model"):
         EfficientNetLite("lite4")
+
+
+class Flattened(torch.nn.Module):
+    """A classifier of the old style: ``.view`` on a feature map, which channels-last inputs break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * SIZE * SIZE, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.conv(images)
+        return self.head(features.view(features.shape[0], -1))
+
+
+def test_a_classifier_that_views_a_channels_last_tensor_is_told_what_to_change(tmp_path):
+    """``model.channels_last`` is on by default: the input check names the setting and the fix, and the
+    same classifier explains once it is off."""
+    from hdm_lightning.api import explain as explain_tensors
+    from hdm_lightning.models import output_classes
+
+    with pytest.raises(ValueError, match=r"\.view.*channels-last.*--model\.channels_last false"):
+        output_classes(torch.nn.Module.to(Flattened(), memory_format=torch.channels_last), 3, SIZE)
+    images = torch.rand(1, 3, SIZE, SIZE)
+    with pytest.raises(RuntimeError, match=r"explain: .*\.view.*channels_last false"):
+        explain_tensors(Flattened().eval(), images, stages=1, min_steps=1, max_steps=2)
+    found = explain_tensors(Flattened().eval(), images, stages=1, min_steps=1, max_steps=2, channels_last=False)
+    assert found["maps"].shape == (1, SIZE, SIZE)

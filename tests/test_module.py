@@ -403,9 +403,12 @@ def test_thread_invariant_runs_every_pass_of_the_fit_and_only_those_with_matrix_
     assert recorder.as_matmul == {False}
 
 
-def test_thread_invariant_refuses_compile():
-    with pytest.raises(ValueError, match="thread_invariant.*compile"):
-        MaskExplainer(classifier=SpotClassifier(), thread_invariant=True, compile=True)
+def test_compile_leaves_the_default_thread_invariant_products_off():
+    """``thread_invariant`` is on by default, so ``compile`` alone must not be refused; the compiled graph
+    keeps its own convolutions (``test_compiled_classifier_gives_the_same_maps_without_recompiling``)."""
+    module = MaskExplainer(classifier=SpotClassifier(), compile=True)
+    module.on_fit_start()
+    assert module.hparams.thread_invariant and module.pointwise_hooks == []
 
 
 def test_images_are_never_coupled_when_items_converge_at_different_steps(tmp_path):

@@ -4,9 +4,9 @@ any thread count."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from hdm_lightning.pointwise import PointwiseAsMatmul, pointwise_as_matmul
+from hdm_lightning.pointwise import PointwiseAsMatmul, mkl_service, pointwise_as_matmul
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -93,3 +93,67 @@ def test_the_product_keeps_the_input_memory_format(channels_last):
     assert found.is_contiguous(memory_format=layout)
     if not channels_last:
         assert found.view(2, -1).shape == (2, 100)
+
+
+def fresh_python(code: str) -> str:
+    """``code``'s output in a new interpreter, whose MKL has not run yet (MKL_CBWR left unset)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+ONE_ROW_PRODUCT = """
+import torch
+from hdm_lightning.pointwise import strict_mkl
+{before}
+strict = strict_mkl()
+a, b = torch.randn(49, 1152), torch.randn(1152, 192)  # one image's 7x7 projection at 224 px
+torch.set_num_threads(1)
+one = a @ b
+torch.set_num_threads(2)
+print(strict, torch.equal(one, a @ b))
+"""
+
+
+@pytest.mark.skipif(mkl_service() is None, reason="PyTorch without MKL")
+def test_strict_mkl_gives_a_one_row_product_the_same_bits_at_one_thread_and_two():
+    """The product that still split its sum by the thread count (stop 59) gives the same bits once MKL is
+    strict; asked too late (after MKL's first product) it says so."""
+    assert fresh_python(ONE_ROW_PRODUCT.format(before="")).split() == ["True", "True"]
+    too_late = fresh_python(ONE_ROW_PRODUCT.format(before="torch.randn(64, 64) @ torch.randn(64, 64)"))
+    assert too_late.split()[0] == "False"
+
+
+def test_the_defaults_give_a_real_classifier_the_same_map_in_any_batch_and_at_any_thread_count():
+    """Issue 7, point 3, at the defaults (1×1 products, MKL strict, channels-last): EfficientNet-Lite0
+    explaining two real photos (64 px, one stage of 6 steps a level) gives the same maps to the bit in a
+    batch of two at one thread and one image at a time at two; with oneDNN's convolutions (both options
+    off) they move, where this CPU's oneDNN gives the classifier's gradient other bits at two threads."""
+    from skimage import data
+
+    from hdm_lightning.api import explain
+    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
+    from hdm_lightning.models import EfficientNetLite
+
+    classifier = EfficientNetLite().eval()
+    photos = torch.cat([F.interpolate(torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255, size=(64, 64),
+                                      mode="bilinear", antialias=True) for photo in (data.chelsea(), data.coffee())])
+    photos = (photos - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def fused(threads: int, batch_size: int, **options) -> Tensor:
+        torch.set_num_threads(threads)
+        return explain(classifier, photos, stages=1, min_steps=3, max_steps=6, batch_size=batch_size, **options)["maps"]
+
+    assert torch.equal(fused(1, 2), fused(2, 1))
+    gradients = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        image = photos[:1].clone().requires_grad_(True)
+        classifier(image)[:, 285].sum().backward()
+        gradients.append(image.grad)
+    if not torch.equal(*gradients):
+        oneDNN = {"thread_invariant": False, "channels_last": False}
+        assert not torch.equal(fused(1, 2, **oneDNN), fused(2, 1, **oneDNN))
