@@ -143,7 +143,7 @@ def explain(
     model_settings.setdefault("lr_horizon", schedule_settings.get("max_steps", SCHEDULE_DEFAULTS["max_steps"]))
     model_settings.setdefault("mean", IMAGENET_MEAN)
     model_settings.setdefault("std", IMAGENET_STD)
-    state = {name: p.requires_grad for name, p in module.named_parameters()}, module.training
+    state = {name: p.requires_grad for name, p in module.named_parameters()}, module.training, layout_of(module)
     with tempfile.TemporaryDirectory(prefix="hdm-") as folder, warnings.catch_warnings(), quiet_lightning():
         for message in QUIET:
             warnings.filterwarnings("ignore", message=message)
@@ -191,9 +191,17 @@ def resolve_targets(targets: Tensor | list[int] | int | None, count: int) -> Ten
     return targets.clone()
 
 
-def restore(module: nn.Module, device: torch.device, requires_grad: dict[str, bool], training: bool) -> None:
-    """Gives the user's classifier back as it came: device, gradient flags, train/eval mode."""
-    module.to(device)
+def layout_of(module: nn.Module) -> torch.memory_format:
+    """The memory format of ``module``'s convolution weights (``model.channels_last`` changes it)."""
+    weights = [p for p in module.parameters() if p.dim() == 4]
+    cl = weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def restore(module: nn.Module, device: torch.device, requires_grad: dict[str, bool], training: bool,
+            layout: torch.memory_format) -> None:
+    """Gives the user's classifier back as it came: device, memory format, gradient flags, train/eval mode."""
+    module.to(device, memory_format=layout)
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(requires_grad[name])
     module.train(training)

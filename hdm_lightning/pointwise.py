@@ -1,16 +1,16 @@
-"""1×1 convolutions as matrix products, so that a classifier's arithmetic does not depend on the thread
-count (``model.thread_invariant``; issue 7, stop 57).
+"""1×1 convolutions as matrix products with MKL's strict reproducibility, so that a classifier's arithmetic
+depends on neither the thread count nor the batch (``model.thread_invariant``, on by default; issue 7,
+stops 57, 59, 66).
 
 On CPU, oneDNN's 1×1 convolutions split their sums by the number of threads: 30 of EfficientNet-Lite0's
 32 give other bits at one thread than at two (ResNet-50 30 of 36, MobileNetV3 35 of 40), while its
 stem, depthwise and strided convolutions and every other layer give the same bits
 (``benchmarks/row_independence.py``). The masks' optimisation carries that noise into the map: one
-process at two threads against two processes at one each correlate 0.976 at 224 px with the defaults.
-The same sums as a matrix product over the channels give the same bits at one thread and two from two
-rows up (a one-row product at the last 7×7 layers, 49 × 1152 by 192, still splits its sum at two threads;
-a pass and backward at 224 px costs a quarter more, at 96 px 6 % more at two threads), so with ``model.fixed_batch``, which
-pads every batch to its rows, a map no longer depends on the batch, the processes or the threads on one
-CPU type; without it one process against two still correlate 0.975 at 224 px (stop 59).
+process at two threads against two processes at one each correlate 0.974 at 224 px. As matrix products
+the same sums still split at two threads where a product has few rows (one image's 7×7 layers, 49 × 1152
+by 192) unless MKL is strict (:func:`strict_mkl`); with both, and the classifier channels-last (where the
+products need no copies and a pass costs what oneDNN's does), the defaults' maps are the same to the bit
+in a batch of one or four, in one process or two, at one thread or two on one CPU type (stop 66).
 
 :class:`PointwiseAsMatmul` is a function mode, active only while the classifier runs its forward pass
 (:func:`pointwise_as_matmul` installs the hooks); the backward pass follows the graph it built.

@@ -21,7 +21,7 @@ def spot_batch(count: int = 2) -> torch.Tensor:
 
 
 def test_explain_returns_maps_stage_maps_and_logits_on_a_tensor_batch():
-    classifier = SpotClassifier()  # in training mode, with gradients: it must come back so
+    classifier = SpotClassifier()  # in training mode, with gradients, default layout: it must come back so
     images = spot_batch()
     result = explain(classifier, images, **SMALL)
     assert result["maps"].shape == (2, SIZE, SIZE) and result["stage_maps"].shape == (2, 2, SIZE, SIZE)
@@ -33,6 +33,7 @@ def test_explain_returns_maps_stage_maps_and_logits_on_a_tensor_batch():
     assert torch.all(mass > 0.15)
     assert result["targets"].tolist() == [1, 1]
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())
+    assert all(p.is_contiguous() for p in classifier.parameters())  # channels-last only for the fit
     torch.testing.assert_close(result["logits"], classifier.eval()(images)[:, 1].detach())
     assert torch.all(result["masked_logits"] > 0)
 
