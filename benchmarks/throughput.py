@@ -138,8 +138,7 @@ class Shadow(Callback):
         if args.shadow_hooks:  # the run's timing hooks on the shadow too: what do they cost?
             ClassifierClock(self.classifier)
         self.size, self.low, self.inputs = args.size, args.precision.startswith("bf16"), {}
-        self.layout = torch.channels_last if args.channels_last else torch.contiguous_format  # as the run's
-        self.classifier.to(memory_format=self.layout)
+        self.layout = arithmetic_of_the_run(self.classifier, args)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         batches, self.seen = self.clock.batches[self.seen:], len(self.clock.batches)
@@ -197,8 +196,8 @@ def run_engine(engine: str, schedule: str, args) -> dict:
 
     classifier = build_classifier(args.classifier)
     clock = ClassifierClock(classifier)
-    settings = {"max_items": args.max_items, "compile": args.compile, "channels_last": args.channels_last} \
-        if engine == "new" else {}
+    settings = {"max_items": args.max_items, "compile": args.compile, "channels_last": args.channels_last,
+                "thread_invariant": args.thread_invariant} if engine == "new" else {}
     model = MaskExplainer(classifier=classifier, chunk_size=args.chunk_size, **settings, **PRESETS[schedule])
     steps = StepClock(model, clock)
     with tempfile.TemporaryDirectory() as folder:
@@ -223,6 +222,18 @@ def run_engine(engine: str, schedule: str, args) -> dict:
             "peak_gib": peak, "shadow_floor": shadow.passes / shadow.seconds if shadow else float("nan")}
 
 
+def arithmetic_of_the_run(classifier: torch.nn.Module, args) -> torch.memory_format:
+    """Gives a floor's copy of the classifier the run's arithmetic: its memory format (returned, for the
+    inputs) and, on CPU, its 1×1 convolutions as products (``model.thread_invariant``)."""
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    classifier.to(memory_format=layout)
+    if args.thread_invariant and args.accelerator == "cpu" and not args.compile:
+        from hdm_lightning.pointwise import pointwise_as_matmul
+
+        pointwise_as_matmul(classifier)
+    return layout
+
+
 def floor(batch: int, args) -> float:
     """Forward + backward w.r.t. the input of the frozen classifier: image-passes per second (the
     median of three blocks of ``--repeats`` batches)."""
@@ -230,7 +241,8 @@ def floor(batch: int, args) -> float:
 
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     classifier = freeze(build_classifier(args.classifier)).to(device)
-    images = torch.randn(batch, 3, args.size, args.size, device=device, requires_grad=True)
+    layout = arithmetic_of_the_run(classifier, args)
+    images = torch.randn(batch, 3, args.size, args.size, device=device).contiguous(memory_format=layout).requires_grad_()
     low = args.precision.startswith("bf16")
 
     def pass_() -> None:
@@ -275,12 +287,21 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile (new engine)")
-    parser.add_argument("--channels_last", action="store_true", help="model.channels_last (new engine)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="model.channels_last (new engine; on by default since stop 66)")
+    parser.add_argument("--thread_invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="model.thread_invariant (new engine; on by default since stop 66)")
     parser.add_argument("--shadow", action="store_true",
                         help="time the shadow floor (synchronises after every step: for CPUs, or a GPU's floor only)")
     parser.add_argument("--shadow_hooks", action="store_true", help="time the shadow floor with the run's hooks on")
     parser.add_argument("--paper", action="store_true", help="add the paper preset's own schedule (GPU)")
     args = parser.parse_args()
+    if args.engine == "old":  # the engine before issue 8 knows neither setting
+        args.channels_last = args.thread_invariant = False
+    else:
+        from hdm_lightning.pointwise import strict_mkl
+
+        print("MKL strict:", strict_mkl())  # as train_masks.py, before anything multiplies matrices
     if args.paper:
         args.schedules = [*args.schedules, "paper"]
     torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ import inspect
 import logging
 import tempfile
 import warnings
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,7 +144,7 @@ def explain(
     model_settings.setdefault("lr_horizon", schedule_settings.get("max_steps", SCHEDULE_DEFAULTS["max_steps"]))
     model_settings.setdefault("mean", IMAGENET_MEAN)
     model_settings.setdefault("std", IMAGENET_STD)
-    state = {name: p.requires_grad for name, p in module.named_parameters()}, module.training, layout_of(module)
+    state = {name: p.requires_grad for name, p in module.named_parameters()}, module.training, strides_of(module)
     with tempfile.TemporaryDirectory(prefix="hdm-") as folder, warnings.catch_warnings(), quiet_lightning():
         for message in QUIET:
             warnings.filterwarnings("ignore", message=message)
@@ -162,8 +163,9 @@ def explain(
         except RuntimeError as error:
             if not layout_advice(error):
                 raise
-            raise RuntimeError(f"explain: {error}{layout_advice(error)}") from error
-    restore(module, device, *state)
+            raise RuntimeError(f"explain: {error}{layout_advice(error, 'channels_last=False')}") from error
+        finally:
+            restore(module, device, *state)
     return gather(collect.results, count, schedule.stages, device)
 
 
@@ -191,17 +193,20 @@ def resolve_targets(targets: Tensor | list[int] | int | None, count: int) -> Ten
     return targets.clone()
 
 
-def layout_of(module: nn.Module) -> torch.memory_format:
-    """The memory format of ``module``'s convolution weights (``model.channels_last`` changes it)."""
-    weights = [p for p in module.parameters() if p.dim() == 4]
-    cl = weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
-    return torch.channels_last if cl else torch.contiguous_format
+def strides_of(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The strides of ``module``'s 4-D parameters and buffers (``model.channels_last`` changes them)."""
+    tensors = chain(module.named_parameters(), module.named_buffers())
+    return {name: tensor.stride() for name, tensor in tensors if tensor.dim() == 4}
 
 
 def restore(module: nn.Module, device: torch.device, requires_grad: dict[str, bool], training: bool,
-            layout: torch.memory_format) -> None:
-    """Gives the user's classifier back as it came: device, memory format, gradient flags, train/eval mode."""
-    module.to(device, memory_format=layout)
+            strides: dict[str, tuple[int, ...]]) -> None:
+    """Gives the user's classifier back as it came: device, memory layout, gradient flags, train/eval mode."""
+    module.to(device)
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        if name in strides and tensor.stride() != strides[name]:
+            tensor.data = torch.empty_strided(tensor.shape, strides[name], dtype=tensor.dtype,
+                                              device=tensor.device).copy_(tensor.data)
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(requires_grad[name])
     module.train(training)

@@ -47,13 +47,13 @@ def output_classes(classifier: nn.Module, channels: int, size: int) -> int:
     return int(logits.shape[1])
 
 
-def layout_advice(error: Exception) -> str:
+def layout_advice(error: Exception, setting: str = "--model.channels_last false") -> str:
     """What to do where a classifier ``view``s a channels-last tensor (``model.channels_last`` is on by
-    default); empty for any other error."""
+    default), the setting spelt as where it is given; empty for any other error."""
     if "view size is not compatible" not in str(error):
         return ""
     return (" The classifier calls .view on a tensor in channels-last layout (model.channels_last, on by "
-            "default): use .reshape there, or set --model.channels_last false")
+            f"default): use .reshape there, or set {setting}")
 
 
 def imagenet_categories() -> list[str]:

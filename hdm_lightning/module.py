@@ -33,7 +33,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
-from hdm_lightning.pointwise import MKL_STRICT, mkl_service, pointwise_as_matmul, strict_mkl
+from hdm_lightning.pointwise import MKL_STRICT, pointwise_as_matmul, strict_mkl
 from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.precision import high_resolution_modules, run_in_float32
 from hdm_lightning.start import gradcam_map, start_values
@@ -658,7 +658,7 @@ class MaskExplainer(LightningModule):
             return
         if not self.pointwise_hooks:
             self.pointwise_hooks = pointwise_as_matmul(self.classifier)
-        if mkl_service() is not None and not strict_mkl():
+        if torch.backends.mkl.is_available() and not strict_mkl():
             rank_zero_warn(f"model.thread_invariant: MKL ran before it could be asked for sums that do not depend on "
                            f"the thread count, so maps may differ in their last bits between batch sizes and thread "
                            f"counts; set MKL_CBWR={MKL_STRICT} in the environment (or create the MaskExplainer before "

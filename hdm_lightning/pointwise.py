@@ -51,7 +51,7 @@ def pointwise_matmul(images: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
     in the input's memory format (a classifier may ``view`` what a convolution returns)."""
     out = torch.matmul(images.movedim(-3, -1), weight.flatten(1).t())
     if bias is not None:
-        out = out + bias
+        out = out + bias.to(out.dtype)  # under autocast the product is bf16, as conv2d's output
     out = out.movedim(-1, -3)
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
     return out if channels_last else out.contiguous()
@@ -81,12 +81,14 @@ MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_ALL = 2, 0x10000, ~0
 @cache
 def mkl_service() -> ctypes.CDLL | None:
     """The MKL service functions linked into PyTorch's CPU library; None where PyTorch has no MKL (ARM)
-    or no such library file (Windows names it otherwise)."""
-    try:
-        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    except OSError:
-        return None
-    return library if hasattr(library, "mkl_serv_cbwr_set") else None
+    or they are not found in it."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        try:
+            library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+        except OSError:
+            continue
+        return library if hasattr(library, "mkl_serv_cbwr_set") else None
+    return None
 
 
 def strict_mkl() -> bool:
@@ -96,14 +98,17 @@ def strict_mkl() -> bool:
     Without it a product of few rows splits its sum over the threads (a one-row product at the last
     7×7 layers, 49 × 1152 by 192), so :class:`PointwiseAsMatmul` alone needs ``model.fixed_batch``'s
     padding (stop 59). MKL takes the mode only before its first call: the variable ``MKL_CBWR`` (set
-    here for child processes too, unless the user set it) or the service call. Later it answers no,
-    and the caller warns. No MKL: False.
+    here for child processes too) or the service call. Later it answers no, and the caller warns. A
+    ``MKL_CBWR`` the user set is left as it is (and answers whether it is strict). No MKL: False. Float32
+    only: a bf16 product on CPU runs in oneDNN.
     """
+    user_set = "MKL_CBWR" in os.environ
     os.environ.setdefault("MKL_CBWR", MKL_STRICT)
     service = mkl_service()
     if service is None:
         return False
-    service.mkl_serv_cbwr_set(MKL_CBWR_AUTO | MKL_CBWR_STRICT)  # refused (-8) once MKL has run: read back
+    if not user_set:
+        service.mkl_serv_cbwr_set(MKL_CBWR_AUTO | MKL_CBWR_STRICT)  # refused (-8) once MKL has run: read back
     return bool(service.mkl_serv_cbwr_get(MKL_CBWR_ALL) & MKL_CBWR_STRICT)
 
 

@@ -38,6 +38,15 @@ def test_explain_returns_maps_stage_maps_and_logits_on_a_tensor_batch():
     assert torch.all(result["masked_logits"] > 0)
 
 
+def test_explain_gives_a_channels_last_classifier_back_channels_last():
+    """The layout is the user's: each weight keeps its strides whatever ``model.channels_last`` did."""
+    classifier = SpotClassifier().to(memory_format=torch.channels_last)
+    strides = [p.stride() for p in classifier.parameters()]
+    explain(classifier, spot_batch(), **{**SMALL, "channels_last": False})
+    assert [p.stride() for p in classifier.parameters()] == strides
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in classifier.parameters())
+
+
 def test_explain_gives_the_maps_of_a_run_on_the_same_images(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -54,7 +54,8 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    train(images, out)
+    done = train(images, out)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 

@@ -104,15 +104,16 @@ class Flattened(torch.nn.Module):
 
 
 def test_a_classifier_that_views_a_channels_last_tensor_is_told_what_to_change(tmp_path):
-    """``model.channels_last`` is on by default: the input check names the setting and the fix, and the
-    same classifier explains once it is off."""
+    """``model.channels_last`` is on by default: the input check names the setting and the fix, ``explain``
+    names its own spelling and hands the classifier back as it came, which then explains with it off."""
     from hdm_lightning.api import explain as explain_tensors
     from hdm_lightning.models import output_classes
 
     with pytest.raises(ValueError, match=r"\.view.*channels-last.*--model\.channels_last false"):
         output_classes(torch.nn.Module.to(Flattened(), memory_format=torch.channels_last), 3, SIZE)
-    images = torch.rand(1, 3, SIZE, SIZE)
-    with pytest.raises(RuntimeError, match=r"explain: .*\.view.*channels_last false"):
-        explain_tensors(Flattened().eval(), images, stages=1, min_steps=1, max_steps=2)
-    found = explain_tensors(Flattened().eval(), images, stages=1, min_steps=1, max_steps=2, channels_last=False)
+    classifier, images = Flattened().eval(), torch.rand(1, 3, SIZE, SIZE)
+    with pytest.raises(RuntimeError, match=r"explain: .*\.view.*channels_last=False"):
+        explain_tensors(classifier, images, stages=1, min_steps=1, max_steps=2)
+    assert all(p.is_contiguous() and p.requires_grad for p in classifier.parameters())
+    found = explain_tensors(classifier, images, stages=1, min_steps=1, max_steps=2, channels_last=False)
     assert found["maps"].shape == (1, SIZE, SIZE)

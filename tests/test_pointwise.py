@@ -127,6 +127,7 @@ def test_strict_mkl_gives_a_one_row_product_the_same_bits_at_one_thread_and_two(
     assert too_late.split()[0] == "False"
 
 
+@pytest.mark.skipif(mkl_service() is None, reason="PyTorch without MKL: its products' sums are another library's")
 def test_the_defaults_give_a_real_classifier_the_same_map_in_any_batch_and_at_any_thread_count():
     """Issue 7, point 3, at the defaults (1×1 products, MKL strict, channels-last): EfficientNet-Lite0
     explaining two real photos (64 px, one stage of 6 steps a level) gives the same maps to the bit in a
@@ -157,3 +158,25 @@ def test_the_defaults_give_a_real_classifier_the_same_map_in_any_batch_and_at_an
     if not torch.equal(*gradients):
         oneDNN = {"thread_invariant": False, "channels_last": False}
         assert not torch.equal(fused(1, 2, **oneDNN), fused(2, 1, **oneDNN))
+
+
+@pytest.mark.skipif(mkl_service() is None, reason="PyTorch without MKL")
+def test_train_masks_makes_mkl_strict_by_itself(tmp_path):
+    """The command line asks MKL first (no ``MKL_CBWR`` in its environment): no warning that it was late."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.tiny import spot_images
+    from tests.test_cli import SMALL
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "images").mkdir()
+    spot_images(tmp_path / "images", count=1)
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"} | {"PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "train_masks.py"), f"--data.images={tmp_path / 'images'}",
+                           f"--out_dir={tmp_path / 'run'}", *SMALL, "--trainer.logger=false"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MKL ran before" not in done.stderr
