@@ -33,7 +33,7 @@ from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
 from hdm_lightning.consistency import Consistency, EvidenceConsistency
 from hdm_lightning.fusion import EvidenceFusion, Fusion
 from hdm_lightning.models import EfficientNetLite0, freeze
-from hdm_lightning.pointwise import MKL_STRICT, pointwise_as_matmul, strict_mkl
+from hdm_lightning.pointwise import MKL_STRICT, one_row_differs, pointwise_as_matmul, strict_mkl
 from hdm_lightning.pool import Group, Item, ItemAdam, MaskPool, constant_lr, cosine_lr, item_size, sharing
 from hdm_lightning.precision import high_resolution_modules, run_in_float32
 from hdm_lightning.start import gradcam_map, start_values
@@ -343,7 +343,8 @@ class MaskExplainer(LightningModule):
             sums by the thread count, and the optimisation carries that into the map (one process
             against two correlate 0.974 at 224 px). With it a map is the same to the bit in a batch of
             one or four, in one process or two, at one thread or two on one CPU type (issue 7, stop 66).
-            Not under ``compile`` (the compiled graph keeps oneDNN's convolutions) nor on GPUs.
+            Where a classifier pass of one row takes other bits than the row among others (small inputs:
+            EfficientNet-Lite0 at 64 px), such passes are padded to two rows (stop 68). Not under ``compile`` (the compiled graph keeps oneDNN's convolutions) nor on GPUs.
         channels_last: give the classifier channels-last inputs: faster convolutions on GPUs, and on
             CPU the layout in which ``thread_invariant``'s products need no copies (a pass and
             backward as fast as oneDNN's). A classifier that calls ``.view`` on a convolution's
@@ -519,6 +520,7 @@ class MaskExplainer(LightningModule):
         self.class_names = getattr(self.classifier, "class_names", lambda: None)()
         self.float32_hooks: list | None = None  # installed at the first step (float32_stride)
         self.pointwise_hooks: list = []  # installed for the fit (thread_invariant)
+        self.pad_one_row: bool | None = None  # found at the first step (thread_invariant)
         if thread_invariant:
             strict_mkl()  # before the classifier's first product; checked again at the fit's start
 
@@ -618,6 +620,8 @@ class MaskExplainer(LightningModule):
             return None
         if self.float32_hooks is None:
             self.keep_high_resolution_float32()
+        if self.pad_one_row is None:
+            self.pad_one_row = self.one_row_needs_padding()
         losses = []
         for chunk in self.pool.chunks(self.size_of, self.hparams.chunk_size):  # gradients accumulate
             chunk_loss = self.chunk_losses(chunk, self.manual_backward)  # sums: each item's gradient is its own
@@ -649,6 +653,18 @@ class MaskExplainer(LightningModule):
             example = torch.zeros_like(self.stage_input[:1])
             names = high_resolution_modules(self.classifier, example, self.hparams.float32_stride)
             self.float32_hooks = run_in_float32(self.classifier, names)
+
+    def one_row_needs_padding(self) -> bool:
+        """``thread_invariant``: whether a classifier pass of one item must be padded to two rows for its bits
+        to be those of the item among others (:func:`~hdm_lightning.pointwise.one_row_differs`, probed once on a
+        random row of the images' shape). An item runs alone when its image's other chains have ended, or with
+        one chain; without the padding EfficientNet-Lite0's maps at 64 px differed between a batch of one image
+        and of four (stage 3 correlation 0.67; stop 68)."""
+        if not self.hparams.thread_invariant or self.hparams.compile or self.hparams.fixed_batch:
+            return False
+        row = torch.rand(self.stage_input[:1].shape, generator=torch.Generator().manual_seed(0)).to(self.stage_input)
+        return one_row_differs(lambda batch: self.target_logit(batch, batch.new_zeros(len(batch), dtype=torch.long)),
+                               row)
 
     @override
     def on_fit_start(self) -> None:
@@ -750,6 +766,8 @@ class MaskExplainer(LightningModule):
             fixed = self.hparams.chunk_size or self.hparams.max_items
             padding = (-count) % fixed
             images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))]) if padding else images
+        elif count == 1 and self.pad_one_row:  # a one-row pass would take other bits than a row among others
+            images = torch.cat([images, torch.zeros_like(images)])
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         kind = self.hparams.score if kind is None else kind

@@ -10,7 +10,9 @@ process at two threads against two processes at one each correlate 0.974 at 224 
 the same sums still split at two threads where a product has few rows (one image's 7×7 layers, 49 × 1152
 by 192) unless MKL is strict (:func:`strict_mkl`); with both, and the classifier channels-last (where the
 products need no copies and a pass costs what oneDNN's does), the defaults' maps are the same to the bit
-in a batch of one or four, in one process or two, at one thread or two on one CPU type (stop 66).
+in a batch of one or four, in one process or two, at one thread or two on one CPU type (stop 66). Where a
+pass of one row still takes another kernel path than a row among others (small inputs), the engine pads it
+to two rows (:func:`one_row_differs`, stop 68).
 
 :class:`PointwiseAsMatmul` is a function mode, active only while the classifier runs its forward pass
 (:func:`pointwise_as_matmul` installs the hooks); the backward pass follows the graph it built.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -110,6 +113,31 @@ def strict_mkl() -> bool:
     if not user_set:
         service.mkl_serv_cbwr_set(MKL_CBWR_AUTO | MKL_CBWR_STRICT)  # refused (-8) once MKL has run: read back
     return bool(service.mkl_serv_cbwr_get(MKL_CBWR_ALL) & MKL_CBWR_STRICT)
+
+
+def one_row_differs(classify: Callable[[Tensor], Tensor], row: Tensor) -> bool:
+    """Whether a pass of the one row ``row`` ``(1, C, H, W)`` through ``classify`` (images to scores,
+    ``(N,)``) gives its score or its input gradient other bits than a pass of it above a row of zeros,
+    where the row above another image gives the same bits as above zeros (so that padding a one-row
+    pass with zeros makes its arithmetic that of any batch).
+
+    On CPU a kernel may take another path for one row where the feature maps are small: EfficientNet-Lite0
+    at 64 px (2×2 last maps) gives a row's input gradient other bits alone than among others (from the
+    backward of its last BatchNorm on), at 96 px and up the same bits (stop 68).
+    """
+    other = torch.rand(row.shape, generator=torch.Generator().manual_seed(1)).to(row)
+
+    def score_and_gradient(batch: Tensor) -> tuple[Tensor, Tensor]:
+        batch = batch.detach().requires_grad_()
+        score = classify(batch)[0]
+        return score.detach(), torch.autograd.grad(score, batch)[0][0]
+
+    def same(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    alone, padded, among = (score_and_gradient(batch) for batch in
+                            (row, torch.cat([row, torch.zeros_like(row)]), torch.cat([row, other])))
+    return not same(alone, among) and same(padded, among)
 
 
 def pointwise_as_matmul(classifier: nn.Module) -> list[RemovableHandle]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdm_lightning.pointwise import PointwiseAsMatmul, mkl_service, pointwise_as_matmul
+from hdm_lightning.pointwise import PointwiseAsMatmul, mkl_service, one_row_differs, pointwise_as_matmul
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -158,6 +158,50 @@ def test_the_defaults_give_a_real_classifier_the_same_map_in_any_batch_and_at_an
     if not torch.equal(*gradients):
         oneDNN = {"thread_invariant": False, "channels_last": False}
         assert not torch.equal(fused(1, 2, **oneDNN), fused(2, 1, **oneDNN))
+
+
+def row_sums(batch: Tensor) -> Tensor:
+    return batch.flatten(1).sum(1)
+
+
+@pytest.mark.parametrize(("classify", "differs"), [
+    (row_sums, False),  # each row its own arithmetic
+    (lambda batch: row_sums(batch) * (1 + 2**-20 * (len(batch) == 1)), True),  # another path for one row
+    (lambda batch: row_sums(batch) + batch.mean(), False),  # rows coupled: padding with zeros would not help
+])
+def test_one_row_differs_only_where_padding_with_zeros_gives_the_bits_of_any_batch(classify, differs):
+    assert one_row_differs(classify, torch.rand(1, 3, 4, 4)) == differs
+
+
+@pytest.mark.skipif(mkl_service() is None, reason="PyTorch without MKL: its products' sums are another library's")
+def test_an_item_alone_in_its_pass_gets_the_map_it_gets_among_others(monkeypatch):
+    """At 64 px EfficientNet-Lite0's backward gives a row passed alone other bits than the same row among others
+    (BatchNorm at the 2×2 maps; stop 68). With one chain an image's item runs alone in a batch of one image and
+    among others in a batch of two: the engine pads such passes to two rows, so both give the same maps to the
+    bit; without the padding they move."""
+    from skimage import data
+
+    from hdm_lightning.api import explain
+    from hdm_lightning.data import IMAGENET_MEAN, IMAGENET_STD
+    from hdm_lightning.models import EfficientNetLite
+
+    classifier = EfficientNetLite().eval()
+    photos = torch.cat([F.interpolate(torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255, size=(64, 64),
+                                      mode="bilinear", antialias=True) for photo in (data.chelsea(), data.coffee())])
+    photos = (photos - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def fused(batch_size: int) -> Tensor:
+        return explain(classifier, photos, stages=1, min_steps=6, max_steps=6, benchmark_sizes=[6], block_factors=[2],
+                       batch_size=batch_size)["maps"]
+
+    try:
+        assert torch.equal(fused(1), fused(2))
+        monkeypatch.setattr("hdm_lightning.module.one_row_differs", lambda classify, row: False)
+        assert not torch.equal(fused(1), fused(2))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(mkl_service() is None, reason="PyTorch without MKL")
