@@ -660,7 +660,8 @@ class MaskExplainer(LightningModule):
         random row of the images' shape). An item runs alone when its image's other chains have ended, or with
         one chain; without the padding EfficientNet-Lite0's maps at 64 px differed between a batch of one image
         and of four (stage 3 correlation 0.67; stop 68)."""
-        if not self.hparams.thread_invariant or self.hparams.compile or self.hparams.fixed_batch:
+        if (not self.hparams.thread_invariant or self.hparams.compile or self.hparams.fixed_batch
+                or self.device.type != "cpu"):  # as the products: a GPU's kernels are not made bitwise
             return False
         row = torch.rand(self.stage_input[:1].shape, generator=torch.Generator().manual_seed(0)).to(self.stage_input)
         return one_row_differs(lambda batch: self.target_logit(batch, batch.new_zeros(len(batch), dtype=torch.long)),
