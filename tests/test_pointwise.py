@@ -178,7 +178,7 @@ def test_an_item_alone_in_its_pass_gets_the_map_it_gets_among_others(monkeypatch
     """At 64 px EfficientNet-Lite0's backward gives a row passed alone other bits than the same row among others
     (BatchNorm at the 2×2 maps; stop 68). With one chain an image's item runs alone in a batch of one image and
     among others in a batch of two: the engine pads such passes to two rows, so both give the same maps to the
-    bit; without the padding they move."""
+    bit; without the padding they move, where the probe finds this CPU's lone row other bits."""
     from skimage import data
 
     from hdm_lightning.api import explain
@@ -196,10 +196,18 @@ def test_an_item_alone_in_its_pass_gets_the_map_it_gets_among_others(monkeypatch
         return explain(classifier, photos, stages=1, min_steps=6, max_steps=6, benchmark_sizes=[6], block_factors=[2],
                        batch_size=batch_size)["maps"]
 
+    found = []
+
+    def probe(classify, row):
+        found.append(one_row_differs(classify, row))
+        return found[-1]
+
+    monkeypatch.setattr("hdm_lightning.module.one_row_differs", probe)
     try:
         assert torch.equal(fused(1), fused(2))
-        monkeypatch.setattr("hdm_lightning.module.one_row_differs", lambda classify, row: False)
-        assert not torch.equal(fused(1), fused(2))
+        if found[0]:  # this CPU gives a lone row other bits at 64 px (an Intel Xeon does)
+            monkeypatch.setattr("hdm_lightning.module.one_row_differs", lambda classify, row: False)
+            assert not torch.equal(fused(1), fused(2))
     finally:
         torch.set_num_threads(threads)
 
