@@ -344,7 +344,8 @@ class MaskExplainer(LightningModule):
             against two correlate 0.974 at 224 px). With it a map is the same to the bit in a batch of
             one or four, in one process or two, at one thread or two on one CPU type (issue 7, stop 66).
             Where a classifier pass of one row takes other bits than the row among others (small inputs:
-            EfficientNet-Lite0 at 64 px), such passes are padded to two rows (stop 68). Not under ``compile`` (the compiled graph keeps oneDNN's convolutions) nor on GPUs.
+            EfficientNet-Lite0 at 64 px), such passes are padded to two rows (stop 68). Not under
+            ``compile`` (the compiled graph keeps oneDNN's convolutions) nor on GPUs.
         channels_last: give the classifier channels-last inputs: faster convolutions on GPUs, and on
             CPU the layout in which ``thread_invariant``'s products need no copies (a pass and
             backward as fast as oneDNN's). A classifier that calls ``.view`` on a convolution's
@@ -687,6 +688,7 @@ class MaskExplainer(LightningModule):
         for handle in [*(self.float32_hooks or []), *self.pointwise_hooks]:
             handle.remove()
         self.float32_hooks, self.pointwise_hooks = None, []
+        self.pad_one_row = None  # probed again at the next fit's first step: it depends on the images' shape
 
     def deletion_ramp(self, slots: Tensor) -> Tensor:
         """The share of ``deletion_weight`` the items in pool ``slots`` get at their current step under
