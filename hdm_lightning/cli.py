@@ -265,14 +265,14 @@ ADDED = {"model.smoothness_weight": 0.0, "model.score": "logit", "model.evidence
          "model.removal_threshold": 1.0, "model.fusion.class_path": "hdm_lightning.fusion.EvidenceFusion",
          "model.fusion.init_args.anchored": False, "model.blur_keeps": 0.5, "model.blur_fade": 0.0, "model.deletion_weight": 0.0, "model.deletion_substrate": "same", "model.deletion_score": "same", "model.shrink": 0.0,
          "model.later_score": None, "model.relative_eps": 0.0, "model.lr_schedule": "constant",
-         "model.deletion_restart": 0, "model.map_floor": 0.0, "model.deletion_warmup": 0, "model.deletion_threshold": 1.0, "model.deletion_edge": "hard", "model.deletion_edge_width": 0.0, "model.deletion_floor": 0.0, "model.deletion_gate": 0.0, "model.float32_stride": 0, "model.deletion_float32": False,
+         "model.deletion_restart": 0, "model.map_floor": 0.0, "model.deletion_warmup": 0, "model.deletion_threshold": 1.0, "model.deletion_edge": "hard", "model.deletion_edge_width": 0.0, "model.deletion_floor": 0.0, "model.deletion_gate": 0.0, "model.float32_stride": 0,
          "model.adam_beta2": 0.999, "model.weight_decay": 0.0, "model.mask_param": "clamp",
          "model.adam_scope": "element", "model.step_cap": 0.0,
          "model.start": "constant", "model.start_range": [0.1, 0.7], "model.start_levels": "all",
          "model.start_layer": None}
 
 #: Settings that change a map only under mixed precision; a float32 run's folder ignores them.
-MIXED_ONLY = ("model.float32_stride", "model.deletion_float32")
+MIXED_ONLY = ("model.float32_stride",)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -416,7 +416,6 @@ class MaskExplainer(LightningModule):
         thread_invariant: bool = True,
         channels_last: bool = True,
         float32_stride: int = 8,
-        deletion_float32: bool = False,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
@@ -583,9 +582,8 @@ class MaskExplainer(LightningModule):
             with torch.autocast(self.device.type, enabled=False):
                 removed = M.apply_mask(self.stage_input[images], 1 - self.deletion_removal(up),
                                        self.deletion_base(images))
-            with torch.autocast(self.device.type, enabled=not self.hparams.deletion_float32):
-                left = self.target_logit(removed, self.target[images], self.deletion_kind or kind)
-            term = self.deletion_losses(left, images)
+            term = self.deletion_losses(self.target_logit(removed, self.target[images], self.deletion_kind or kind),
+                                        images)
             if self.hparams.deletion_warmup:
                 term = term * self.deletion_ramp(slots)
             if backward is not None:
