@@ -44,7 +44,8 @@ SUFFICIENT = [*HDM_RUN, *FAST, "--model.deletion_weight=0", "--model.start=const
 BEFORE = [*SUFFICIENT, "--model.evidence_scale=stage"]  # the defaults before issue 7's evidence_scale
 METHODS = {
     "HDM": HDM_RUN,
-    "HDM fast": [*HDM_RUN, *FAST],  # the defaults to stop 55 (configs/fast.yaml)
+    "HDM fast": [*HDM_RUN, "--config", "configs/fast.yaml"],  # the preset (the defaults to stop 55; before stop 69
+    # this row was its rate and steps on the defaults of the day, since stop 60 with the deletion gate)
     "HDM sufficient": SUFFICIENT,
     # the reference's term, fusion and constant rate at the fast preset's sizes and steps (the defaults
     # before issue 7)
